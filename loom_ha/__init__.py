@@ -1,0 +1,1 @@
+"""loom-ha: high-availability messaging for Loom agents and any CloudEvents app."""

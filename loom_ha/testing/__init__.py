@@ -1,0 +1,1 @@
+"""Test support shipped with loom-ha: real-server launchers, pytest fixtures, conformance suite."""

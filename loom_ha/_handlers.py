@@ -1,0 +1,226 @@
+"""Who receives what: the handler table, group round robin, and isolated handler calls.
+
+Every backend shares this module so that delivery rules are identical everywhere:
+
+* A *subscription key* is ``(pattern, group)``; a backend creates one native
+  subscription per key (a Redis channel/pattern, a NATS subject + queue group).
+* A handler on several overlapping fan-out patterns gets each event once: only its
+  *owner* key (the smallest matching pattern, by its raw string) delivers to it.
+* Handlers that share a key with a group compete: each event goes to one of them
+  (round robin inside the process; the broker already picked this process).
+* Handlers run isolated: sync or async, exceptions logged with topic and event id,
+  counted, and never allowed to stop delivery to anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from loom_ha._tasks import TaskSupervisor
+from loom_ha.topics import TopicPattern, parse_pattern
+
+log = logging.getLogger("loom_ha.handlers")
+
+Handler: TypeAlias = Callable[[Any], Awaitable[None] | None]
+"""Receives one event; may be a plain function or a coroutine function."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionKey:
+    """One native subscription: a pattern, and the group that competes on it (None: fan-out)."""
+
+    pattern: TopicPattern
+    group: str | None
+
+    @property
+    def raw(self) -> str:
+        """The pattern as the caller wrote it."""
+        return self.pattern.raw
+
+
+@dataclass(slots=True)
+class DeliveryCounters:
+    """Counters every backend keeps; read through `Transport.statistics()`."""
+
+    published: int = 0
+    delivered: int = 0
+    handler_errors: int = 0
+    filtered: int = 0  # arrived on a wider native subscription, rejected by the shared matcher
+    malformed: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+
+
+async def invoke(handler: Handler, topic: str, event: Any, counters: DeliveryCounters) -> bool:
+    """Call `handler` with `event`, awaiting only what is awaitable.
+
+    Returns True when the handler succeeded. Exceptions are logged and counted,
+    never raised; `CancelledError` always propagates.
+    """
+    try:
+        result = handler(event)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        counters.handler_errors += 1
+        log.exception(
+            "handler %r failed on topic %r, event id %r",
+            handler,
+            topic,
+            getattr(event, "id", None),
+        )
+        return False
+    counters.delivered += 1
+    return True
+
+
+@dataclass(slots=True)
+class _KeyMembers:
+    handlers: list[Handler] = field(default_factory=list)
+    next_index: int = 0
+
+
+class HandlerTable:
+    """Subscriptions of one transport: keys, their handlers, and who gets an event."""
+
+    def __init__(self) -> None:
+        self._members: dict[SubscriptionKey, _KeyMembers] = {}
+        self._keys_of: dict[Handler, list[SubscriptionKey]] = {}
+        self._exact: dict[str, list[SubscriptionKey]] = {}
+        self._wildcards: list[SubscriptionKey] = []
+
+    def add(
+        self, pattern: str, handler: Handler, group: str | None
+    ) -> tuple[SubscriptionKey, bool]:
+        """Record a subscription; returns its key and whether the key is new.
+
+        Subscribing the same handler to the same key twice is a no-op.
+        """
+        key = SubscriptionKey(parse_pattern(pattern), group)
+        members = self._members.get(key)
+        is_new = members is None
+        if members is None:
+            members = self._members[key] = _KeyMembers()
+            if key.pattern.is_wildcard:
+                self._wildcards.append(key)
+            else:
+                self._exact.setdefault(key.pattern.fixed, []).append(key)
+        if handler not in members.handlers:
+            members.handlers.append(handler)
+            self._keys_of.setdefault(handler, []).append(key)
+        return key, is_new
+
+    def remove(self, pattern: str, handler: Handler) -> list[SubscriptionKey]:
+        """Drop every subscription of `handler` on `pattern` (any group).
+
+        Returns the keys left without handlers (the backend drops their native
+        subscriptions). An unknown handler or pattern is a no-op.
+        """
+        parsed = parse_pattern(pattern)
+        emptied: list[SubscriptionKey] = []
+        for key in [k for k in self._keys_of.get(handler, []) if k.pattern == parsed]:
+            members = self._members[key]
+            members.handlers.remove(handler)
+            self._keys_of[handler].remove(key)
+            if not members.handlers:
+                self._drop_key(key)
+                emptied.append(key)
+        if not self._keys_of.get(handler, True):
+            del self._keys_of[handler]
+        return emptied
+
+    def _drop_key(self, key: SubscriptionKey) -> None:
+        del self._members[key]
+        if key.pattern.is_wildcard:
+            self._wildcards.remove(key)
+        else:
+            same = self._exact[key.pattern.fixed]
+            same.remove(key)
+            if not same:
+                del self._exact[key.pattern.fixed]
+
+    def clear(self) -> None:
+        """Forget every subscription."""
+        self.__init__()  # type: ignore[misc]
+
+    def keys(self) -> list[SubscriptionKey]:
+        """Every live key, in subscription order."""
+        return list(self._members)
+
+    def has_handler(self, handler: Handler) -> bool:
+        """True while `handler` has at least one subscription."""
+        return handler in self._keys_of
+
+    @property
+    def handler_count(self) -> int:
+        """Distinct handlers with at least one subscription."""
+        return len(self._keys_of)
+
+    def keys_matching(self, topic: str) -> list[SubscriptionKey]:
+        """Keys whose pattern covers `topic` (what a broker would deliver to)."""
+        found = list(self._exact.get(topic, ()))
+        found.extend(k for k in self._wildcards if k.pattern.matches(topic))
+        return found
+
+    def recipients(self, key: SubscriptionKey, topic: str) -> list[Handler]:
+        """Handlers that get an event that arrived for `key` on `topic`.
+
+        Group keys yield one member (round robin). Fan-out keys yield each handler
+        whose owner key for this topic is `key`, so overlapping patterns deliver once.
+        """
+        members = self._members.get(key)
+        if members is None or not members.handlers:
+            return []
+        if key.group is not None:
+            chosen = members.handlers[members.next_index % len(members.handlers)]
+            members.next_index += 1
+            return [chosen]
+        return [h for h in members.handlers if self._owner_key(h, topic) == key]
+
+    def _owner_key(self, handler: Handler, topic: str) -> SubscriptionKey | None:
+        keys = self._keys_of.get(handler, ())
+        if len(keys) == 1:
+            return keys[0]
+        candidates = [k for k in keys if k.group is None and k.pattern.matches(topic)]
+        return min(candidates, key=lambda k: k.raw) if candidates else None
+
+
+class Mailbox:
+    """A handler's serial delivery queue: keeps per-topic order, isolates slow handlers.
+
+    Each handler gets one worker task (owned by the transport's supervisor), so a
+    handler awaiting a nested request never blocks delivery to anyone else.
+    """
+
+    def __init__(
+        self, handler: Handler, supervisor: TaskSupervisor, counters: DeliveryCounters
+    ) -> None:
+        self._handler = handler
+        self._counters = counters
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._task = supervisor.spawn(self._run(), name=f"mailbox:{handler!r}")
+        self._supervisor = supervisor
+
+    def put(self, topic: str, event: Any) -> None:
+        """Queue one event; never blocks (the queue is unbounded, see `depth`)."""
+        self._queue.put_nowait((topic, event))
+
+    @property
+    def depth(self) -> int:
+        """Events waiting for this handler."""
+        return self._queue.qsize()
+
+    async def _run(self) -> None:
+        queue, handler, counters = self._queue, self._handler, self._counters
+        while True:
+            topic, event = await queue.get()
+            await invoke(handler, topic, event, counters)
+
+    async def close(self) -> None:
+        """Stop the worker; queued events are dropped (the handler unsubscribed)."""
+        await self._supervisor.cancel(self._task)

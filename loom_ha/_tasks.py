@@ -1,0 +1,88 @@
+"""TaskSupervisor: the owner of every background task loom-ha starts.
+
+Each task is named, strongly referenced until it ends, and its crash is logged.
+`aclose()` cancels and awaits every task, and finishes even when the caller is
+itself being cancelled (the cancellation is re-raised afterwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger("loom_ha.tasks")
+
+
+class TaskSupervisor:
+    """Spawns named background tasks and cancels + awaits them on `aclose()`."""
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        """Start `coro` as a task owned by this supervisor.
+
+        Raises:
+            RuntimeError: the supervisor was closed (the coroutine is closed too).
+        """
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"{self._owner}: cannot spawn {name!r} after close")
+        task = asyncio.create_task(coro, name=f"{self._owner}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s crashed", task.get_name(), exc_info=exc)
+
+    @property
+    def running(self) -> int:
+        """How many tasks are still running."""
+        return len(self._tasks)
+
+    def reopen(self) -> None:
+        """Allow spawning again after `aclose()` (a transport that reconnects)."""
+        self._closed = False
+
+    async def cancel(self, task: asyncio.Task[Any]) -> None:
+        """Cancel one task and wait until it has finished."""
+        await _cancel_and_wait({task})
+
+    async def aclose(self) -> None:
+        """Cancel every task and wait for all of them; idempotent."""
+        self._closed = True
+        await _cancel_and_wait(set(self._tasks))
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them, even if our own caller is cancelled meanwhile."""
+    current = asyncio.current_task()
+    if current is not None:
+        tasks.discard(current)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    cancelled_while_waiting = False
+    pending = tasks
+    while pending:
+        try:
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            # Keep waiting (without interrupting their cleanup): leaving tasks
+            # behind is worse than honouring our own cancellation a little late.
+            cancelled_while_waiting = True
+    if cancelled_while_waiting:
+        raise asyncio.CancelledError

@@ -1,0 +1,49 @@
+"""The `loom-ha` command: demo, bench (more subcommands join as they are built)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="loom-ha", description="High-availability messaging for Loom agents."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="LoomApp nodes exchanging requests on the embedded default")
+    demo.add_argument("--requests", type=int, default=300, help="requests to send (default 300)")
+    demo.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
+
+    bench = sub.add_parser("bench", help="throughput and latency against a baseline")
+    bench.add_argument("--transport", choices=["memory"], default="memory")
+    bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")
+    bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `loom-ha` console script."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.command == "demo":
+        from loom_ha.cli.demo import run_demo
+
+        return asyncio.run(run_demo(console, requests=args.requests, concurrency=args.concurrency))
+    if args.command == "bench":
+        from loom_ha.cli.bench import run_bench
+
+        return asyncio.run(
+            run_bench(console, transport=args.transport, events=args.events, pings=args.pings)
+        )
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

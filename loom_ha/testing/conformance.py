@@ -1,0 +1,358 @@
+"""The transport conformance suite: one set of behaviours every backend must show.
+
+Use it from a test module by subclassing and providing a `backend` fixture::
+
+    from loom_ha.testing.conformance import Backend, TransportConformance
+
+    class TestMyTransport(TransportConformance):
+        @pytest.fixture
+        def backend(self, my_server) -> Backend:
+            return Backend("mine", lambda: MyTransport(my_server.url), MyTransport.capabilities)
+
+What is asserted depends on the declared `Capabilities` (ordering, groups,
+duplicates), so a backend is held to exactly what it promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from loom_ha.errors import ConfigurationError, NotConnectedError
+from loom_ha.event import CloudEvent
+from loom_ha.testing.collect import Collector, assert_all_received, collectors, distinct_ids
+from loom_ha.transport import Capabilities, Transport
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the suite builds transports of one backend.
+
+    Attributes:
+        name: shown in test ids and messages.
+        factory: returns a new, unconnected transport on the same broker.
+        capabilities: what the backend declares (usually ``TransportClass.capabilities``).
+        settle: seconds a negative check ("nothing arrives") waits.
+    """
+
+    name: str
+    factory: Callable[[], Transport]
+    capabilities: Capabilities
+    settle: float = 0.05
+
+    @asynccontextmanager
+    async def peers(self, count: int = 1) -> AsyncIterator[list[Transport]]:
+        """`count` connected transports that talk to each other, disconnected at exit.
+
+        Backends without `cross_instance` share one transport object instead.
+        """
+        async with AsyncExitStack() as stack:
+            if self.capabilities.cross_instance:
+                made = [self.factory() for _ in range(count)]
+            else:
+                made = [self.factory()]
+            for transport in made:
+                await stack.enter_async_context(transport)
+            yield [made[i % len(made)] for i in range(count)]
+
+
+def make_event(n: int = 0, *, source: str = "/node/conformance", **data: Any) -> CloudEvent:
+    """A numbered event; its id is unique per call."""
+    return CloudEvent.create(source=source, type="conformance.event", data={"n": n, **data})
+
+
+async def publish_numbered(transport: Transport, topic: str, count: int) -> list[str]:
+    """Publish `count` numbered events on `topic`; returns their ids in publish order."""
+    ids = []
+    for n in range(count):
+        event = make_event(n)
+        await transport.publish(topic, event)
+        ids.append(event.id)
+    return ids
+
+
+def _socket_fds() -> int | None:
+    """Open sockets of this process (Linux), to check that nothing leaks."""
+    try:
+        entries = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    count = 0
+    for entry in entries:
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+class TransportConformance:
+    """Behaviours every transport shows; subclass and provide a `backend` fixture."""
+
+    @pytest.fixture
+    def prefix(self) -> str:
+        """A topic prefix unique to the test, so tests never see each other's events."""
+        return f"conf.{uuid.uuid4().hex[:10]}/"
+
+    async def test_publish_before_connect_raises(self, backend: Backend, prefix: str) -> None:
+        """publish() and subscribe() before connect() raise NotConnectedError."""
+        transport = backend.factory()
+        with pytest.raises(NotConnectedError):
+            await transport.publish(prefix + "x", make_event())
+        with pytest.raises(NotConnectedError):
+            await transport.subscribe(prefix + "x", Collector())
+        await transport.disconnect()  # idempotent, even when never connected
+
+    async def test_connect_and_disconnect_are_idempotent(self, backend: Backend) -> None:
+        """connect() twice and disconnect() twice are harmless."""
+        transport = backend.factory()
+        await transport.connect()
+        await transport.connect()
+        await transport.disconnect()
+        await transport.disconnect()
+
+    async def test_exact_topic_delivers_event_intact(self, backend: Backend, prefix: str) -> None:
+        """An event on an exact topic arrives with every attribute unchanged."""
+        got = Collector()
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "node/a", got)
+            event = CloudEvent.create(
+                source="/node/a",
+                type="node.response",
+                data={"request_id": "r1", "result": {"nested": [1, 2.5, None, "ü"]}},
+                subject="node/a",
+                traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            event.extensions["timeout"] = 5.0
+            event.extensions["nested"] = {"a": [1, {"b": True}]}
+            await pub.publish(prefix + "node/a", event)
+            (received,) = await got.wait_for(1)
+        assert received.model_dump() == event.model_dump()
+
+    @pytest.mark.parametrize(
+        ("pattern", "matching", "other"),
+        [
+            ("evt/*", ["evt/x", "evt/x/y.z", "evt/"], ["evx/x", "other", "ev"]),
+            ("*/node/echo", ["node.response/node/echo", "/node/echo"], ["a/node/echo2"]),
+            ("node.response/node/a", ["node.response/node/a"], ["node.response/node/ab"]),
+        ],
+    )
+    async def test_wildcards_follow_loom_grammar(
+        self, backend: Backend, prefix: str, pattern: str, matching: list[str], other: list[str]
+    ) -> None:
+        """`prefix*`, `*suffix` and exact patterns match exactly what Loom's grammar says."""
+        got = Collector()
+        # Keep tests apart: the unique tag goes first, or last for suffix patterns.
+        if pattern.startswith("*"):
+            tag = prefix[:-1]
+            subscribed = pattern + tag
+            ok, no = [t + tag for t in matching], [t + tag for t in other]
+        else:
+            subscribed = prefix + pattern
+            ok, no = [prefix + t for t in matching], [prefix + t for t in other]
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(subscribed, got)
+            for topic in no:
+                await pub.publish(topic, make_event(-1))
+            sent = [await _publish_one(pub, t) for t in ok]
+            await got.wait_for(len(sent))
+            await asyncio.sleep(backend.settle)
+        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+
+    async def test_star_alone_matches_everything(self, backend: Backend, prefix: str) -> None:
+        """A subscription to `*` receives events of every topic."""
+        mine = Collector()
+
+        async def only_this_test(event: Any) -> None:
+            if event.source == "/" + prefix:
+                await mine(event)
+
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe("*", only_this_test)
+            sent = []
+            for topic in ("a", "b/c.d", "node.request/node/x y"):
+                event = make_event(source="/" + prefix)
+                await pub.publish(prefix + topic, event)
+                sent.append(event.id)
+            await mine.wait_for(3)
+        assert_all_received(sent, mine.ids, dedupe=backend.capabilities.at_least_once)
+
+    async def test_overlapping_patterns_deliver_once(self, backend: Backend, prefix: str) -> None:
+        """A handler on several overlapping patterns receives each event once."""
+        got = Collector()
+        async with backend.peers(2) as (sub, pub):
+            for pattern in (prefix + "*", prefix + "a/*", prefix + "a/b"):
+                await sub.subscribe(pattern, got)
+            sent = await publish_numbered(pub, prefix + "a/b", 5)
+            await got.wait_for(5)
+            await asyncio.sleep(backend.settle)
+        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+
+    async def test_unsubscribe_stops_delivery(self, backend: Backend, prefix: str) -> None:
+        """After unsubscribe() the handler gets nothing; unknown pairs are a no-op."""
+        gone, stays = Collector("gone"), Collector("stays")
+        async with backend.peers(2) as (sub, pub):
+            await sub.unsubscribe(prefix + "never", gone)  # unknown: no-op
+            await sub.subscribe(prefix + "t", gone)
+            await sub.subscribe(prefix + "t", stays)
+            await _publish_one(pub, prefix + "t")
+            await gone.wait_for(1)
+            await stays.wait_for(1)
+            await sub.unsubscribe(prefix + "t", gone)
+            await _publish_one(pub, prefix + "t")
+            await stays.wait_for(2)
+            await asyncio.sleep(backend.settle)
+        assert len(gone.events) == 1
+
+    async def test_handler_errors_are_isolated(self, backend: Backend, prefix: str) -> None:
+        """A failing handler is counted and never stops delivery to itself or others."""
+        calls, got = collectors("failing", "healthy")
+
+        async def failing(event: Any) -> None:
+            await calls(event)
+            raise RuntimeError("handler bug (expected by the test)")
+
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "t", failing)
+            await sub.subscribe(prefix + "t", got)
+            sent = await publish_numbered(pub, prefix + "t", 3)
+            await got.wait_for(3)
+            await calls.wait_for(3)
+            assert sub.statistics().handler_errors >= 3
+        assert_all_received(sent, got.ids, dedupe=True)
+
+    async def test_sync_handlers_are_called(self, backend: Backend, prefix: str) -> None:
+        """Plain (non-async) functions work as handlers."""
+        seen: list[str] = []
+        arrived = asyncio.Event()
+
+        def plain(event: Any) -> None:
+            seen.append(event.id)
+            arrived.set()
+
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "t", plain)
+            sent = await _publish_one(pub, prefix + "t")
+            async with asyncio.timeout(10):
+                await arrived.wait()
+        assert seen == [sent]
+
+    async def test_single_publisher_order(self, backend: Backend, prefix: str) -> None:
+        """Events of one publisher on one topic arrive in order (when the backend is ordered)."""
+        got = Collector()
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "t", got)
+            sent = await publish_numbered(pub, prefix + "t", 200)
+            await got.wait_for(200)
+        assert_all_received(
+            sent,
+            got.ids,
+            ordered=backend.capabilities.ordered,
+            dedupe=backend.capabilities.at_least_once,
+        )
+
+    async def test_group_members_compete(self, backend: Backend, prefix: str) -> None:
+        """Within a group each event reaches one member; a fan-out subscriber gets all."""
+        if not backend.capabilities.competing_consumers:
+            pytest.skip(f"{backend.name} lacks competing_consumers")
+        a, b, watcher = collectors("a", "b", "watcher")
+        async with backend.peers(3) as (sub_a, sub_b, pub):
+            await sub_a.subscribe(prefix + "jobs", a, group="workers")
+            await sub_b.subscribe(prefix + "jobs", b, group="workers")
+            await sub_a.subscribe(prefix + "jobs", watcher)
+            sent = await publish_numbered(pub, prefix + "jobs", 40)
+            await watcher.wait_for(40)
+            await a.wait_until(
+                lambda: len(distinct_ids(a, b)) >= 40,
+                what=lambda: f"group: {len(distinct_ids(a, b))}",
+            )
+            await asyncio.sleep(backend.settle)
+        dedupe = backend.capabilities.at_least_once
+        assert_all_received(sent, a.ids + b.ids, dedupe=dedupe)
+        assert a.events and b.events, "both members should get a share"
+        assert_all_received(sent, watcher.ids, dedupe=dedupe)
+
+    async def test_loom_requests_reach_one_instance(self, backend: Backend, prefix: str) -> None:
+        """Without a group, `node.request/<node>` subscribers compete (Loom's default rule)."""
+        if not backend.capabilities.competing_consumers:
+            pytest.skip(f"{backend.name} lacks competing_consumers")
+        a, b = collectors("a", "b")
+        topic = f"node.request/node/{prefix[:-1]}"
+        async with backend.peers(3) as (sub_a, sub_b, pub):
+            await sub_a.subscribe(topic, a)
+            await sub_b.subscribe(topic, b)
+            sent = await publish_numbered(pub, topic, 20)
+            await a.wait_until(
+                lambda: len(distinct_ids(a, b)) >= 20,
+                what=lambda: f"group: {len(distinct_ids(a, b))}",
+            )
+            await asyncio.sleep(backend.settle)
+        assert_all_received(sent, a.ids + b.ids, dedupe=backend.capabilities.at_least_once)
+
+    @pytest.mark.parametrize(
+        "suffix",
+        ["with space/x", "dots.in.a.token/x.y", "ünïcødé/日本語/🙂", "node/agent_1", "a//b/"],
+    )
+    async def test_any_loom_topic_round_trips(
+        self, backend: Backend, prefix: str, suffix: str
+    ) -> None:
+        """Topics with spaces, dots, slashes and unicode work exactly and under a wildcard."""
+        exact, wild = Collector("exact"), Collector("wild")
+        topic = prefix + suffix
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(topic, exact)
+            await sub.subscribe(prefix + "*", wild)
+            sent = await _publish_one(pub, topic)
+            await exact.wait_for(1)
+            await wild.wait_for(1)
+        assert exact.ids == [sent] or backend.capabilities.at_least_once
+        assert sent in wild.ids
+
+    async def test_burst_of_10k_loses_nothing(self, backend: Backend, prefix: str) -> None:
+        """10,000 events published back to back all arrive."""
+        got = Collector()
+        count = 10_000
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "burst", got)
+            sent = await publish_numbered(pub, prefix + "burst", count)
+            await got.wait_for(count, within=60)
+        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+
+    async def test_invalid_topics_are_rejected(self, backend: Backend, prefix: str) -> None:
+        """Bad patterns and bad publish topics fail with ConfigurationError naming them."""
+        async with backend.peers(1) as (transport,):
+            with pytest.raises(ConfigurationError, match=r"a\*b"):
+                await transport.subscribe(prefix + "a*b", Collector())
+            with pytest.raises(ConfigurationError):
+                await transport.publish(prefix + "x*", make_event())
+            with pytest.raises(ConfigurationError):
+                await transport.publish("", make_event())
+
+    async def test_disconnect_leaves_nothing_behind(self, backend: Backend, prefix: str) -> None:
+        """After disconnect() no task and no socket of the transport is left."""
+        tasks_before = len(asyncio.all_tasks())
+        sockets_before = _socket_fds()
+        got = Collector()
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "a", got)
+            await sub.subscribe(prefix + "*", got)
+            await _publish_one(pub, prefix + "a")
+            await got.wait_for(1)
+        assert len(asyncio.all_tasks()) == tasks_before, asyncio.all_tasks()
+        if sockets_before is not None:
+            assert _socket_fds() == sockets_before
+        assert sub.statistics().subscriptions == 0
+
+
+async def _publish_one(transport: Transport, topic: str) -> str:
+    event = make_event()
+    await transport.publish(topic, event)
+    return event.id

@@ -1,0 +1,172 @@
+"""The Transport contract every backend implements, and what it declares about itself.
+
+A transport moves CloudEvents between processes on string topics (see
+`loom_ha.topics` for the grammar). It is a drop-in for loom-agent 0.3.4's
+``loom.interfaces.transport.Transport``: LoomApp calls `connect()` before every
+publish and subscribe and `unsubscribe()` after every node-to-node call.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeAlias
+
+from loom_ha._handlers import Handler
+from loom_ha.errors import NotConnectedError, TransportClosedError
+
+__all__ = [
+    "Capabilities",
+    "GroupRule",
+    "Handler",
+    "Transport",
+    "TransportState",
+    "TransportStatistics",
+    "loom_request_groups",
+]
+
+GroupRule: TypeAlias = Callable[[str], str | None]
+"""Maps a subscription pattern to the group it joins when the caller gave none."""
+
+LOOM_REQUEST_PREFIX = "node.request/"
+
+
+def loom_request_groups(pattern: str) -> str | None:
+    """Default group rule: each ``node.request/<node>`` topic is its own group.
+
+    So a request reaches one instance of a node (competing consumers), while
+    responses, errors, stream chunks and state patches fan out to everyone.
+    Wildcard subscriptions (``node.request/*``, used by observers) stay fan-out.
+    """
+    if pattern.startswith(LOOM_REQUEST_PREFIX) and "*" not in pattern:
+        return pattern
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a backend guarantees; read by users and by the conformance suite."""
+
+    persistent: bool  # events survive the absence of subscribers / a broker restart
+    ordered: bool  # one publisher, one topic, one subscriber: publish order is kept
+    at_least_once: bool  # redelivery after failures: duplicates possible
+    competing_consumers: bool  # `group=` gives each event to one member
+    replays_history: bool  # a new subscriber sees events published before it
+    native_wildcards: bool  # the broker filters wildcards (else filtered client side)
+    dedup: bool  # the broker drops a re-published event id within a window
+    cross_instance: bool  # two processes (or two transport objects) can talk
+
+    def names(self) -> list[str]:
+        """Names of the capabilities this backend has."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+class TransportState(enum.Enum):
+    """Lifecycle of a transport; HATransport adds `RECONNECTING` transitions."""
+
+    NEW = "new"  # constructed, never connected
+    CONNECTING = "connecting"  # first connection in progress
+    CONNECTED = "connected"  # publish and subscribe work
+    RECONNECTING = "reconnecting"  # broker lost; subscriptions will be restored
+    DISCONNECTED = "disconnected"  # disconnect() finished; connect() may be called again
+    CLOSED = "closed"  # closed for good; never reconnects
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportStatistics:
+    """A snapshot of a transport's counters and state (anyio-style `statistics()`)."""
+
+    backend: str
+    state: TransportState
+    endpoint: str | None = None
+    subscriptions: int = 0
+    handlers: int = 0
+    queued: int = 0
+    published: int = 0
+    delivered: int = 0
+    handler_errors: int = 0
+    filtered: int = 0
+    malformed: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    reconnects: int = 0
+    extra: dict[str, Any] | None = None
+
+
+class Transport(ABC):
+    """Publish and subscribe CloudEvents on topics.
+
+    Contract (held by `loom_ha.testing.conformance` for every backend):
+
+    * `connect()` is idempotent and cheap once connected; `disconnect()` is
+      idempotent and leaves no task or socket behind, even when cancelled.
+    * `publish()` / `subscribe()` before `connect()` raise `NotConnectedError`.
+    * `subscribe()` returns only once the broker confirmed the subscription, so an
+      event published right after it is delivered.
+    * `group=` makes subscribers with the same pattern and group compete: each
+      event goes to one of them. Without a group, every subscriber gets it.
+    * A handler on overlapping patterns gets each event once; handler exceptions
+      are logged and counted and never stop delivery.
+    * `unsubscribe()` of an unknown handler is a no-op.
+    """
+
+    capabilities: ClassVar[Capabilities]
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect to the broker (idempotent: a no-op when already connected)."""
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Stop every listener, drop every subscription and close every socket."""
+
+    @abstractmethod
+    async def publish(self, topic: str, event: Any) -> None:
+        """Send `event` (a CloudEvent) on `topic`.
+
+        Raises:
+            NotConnectedError: not connected.
+            ConfigurationError: `topic` is empty or contains ``*``.
+        """
+
+    @abstractmethod
+    async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
+        """Deliver events whose topic matches the pattern `topic` to `handler`.
+
+        Raises:
+            NotConnectedError: not connected.
+            ConfigurationError: `topic` is not a valid pattern.
+        """
+
+    @abstractmethod
+    async def unsubscribe(self, topic: str, handler: Handler) -> None:
+        """Stop delivering `topic` to `handler`; unknown pairs are ignored."""
+
+    @abstractmethod
+    def statistics(self) -> TransportStatistics:
+        """Current state and counters."""
+
+    async def close(self) -> None:
+        """Alias of `disconnect()`: LoomApp never disconnects, so owners close."""
+        await self.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.disconnect()
+
+
+def require_connected(state: TransportState, backend: str) -> None:
+    """Raise the error that explains why `state` does not allow I/O."""
+    if state is TransportState.CONNECTED:
+        return
+    if state is TransportState.CLOSED:
+        raise TransportClosedError(f"{backend} transport is closed")
+    raise NotConnectedError(
+        f"{backend} transport is not connected (state: {state.value}): "
+        "await transport.connect() first"
+    )

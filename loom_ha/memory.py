@@ -12,9 +12,9 @@ from typing import Any
 
 from typing_extensions import override
 
-from loom_ha._handlers import DeliveryCounters, Handler, HandlerTable, Mailbox
-from loom_ha._tasks import TaskSupervisor
-from loom_ha.topics import parse_pattern, validate_topic
+from loom_ha._delivery import LocalDelivery
+from loom_ha._handlers import Handler
+from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Capabilities,
     GroupRule,
@@ -47,18 +47,14 @@ class InMemoryTransport(Transport):
                 default puts each ``node.request/<node>`` topic in its own group.
                 ``None`` makes every group-less subscription fan-out.
         """
-        self._group_rule = group_rule
         self._state = TransportState.NEW
-        self._table = HandlerTable()
-        self._mailboxes: dict[Handler, Mailbox] = {}
-        self._counters = DeliveryCounters()
-        self._tasks = TaskSupervisor("loom_ha.memory")
+        self._local = LocalDelivery("loom_ha.memory", group_rule)
 
     @override
     async def connect(self) -> None:
         if self._state is TransportState.CONNECTED:
             return
-        self._tasks.reopen()
+        self._local.reopen()
         self._state = TransportState.CONNECTED
 
     @override
@@ -66,48 +62,38 @@ class InMemoryTransport(Transport):
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
             return
         self._state = TransportState.DISCONNECTED
-        self._table.clear()
-        self._mailboxes.clear()
-        await self._tasks.aclose()
+        await self._local.close()
 
     @override
     async def publish(self, topic: str, event: Any) -> None:
         require_connected(self._state, "memory")
         validate_topic(topic)
-        self._counters.published += 1
-        table, mailboxes = self._table, self._mailboxes
-        for key in table.keys_matching(topic):
-            for handler in table.recipients(key, topic):
-                mailboxes[handler].put(topic, event)
+        local = self._local
+        local.counters.published += 1
+        for key in local.table.keys_matching(topic):
+            local.dispatch(key, topic, event)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
         require_connected(self._state, "memory")
-        parse_pattern(topic)  # validate before touching any state
-        if group is None and self._group_rule is not None:
-            group = self._group_rule(topic)
-        self._table.add(topic, handler, group)
-        if handler not in self._mailboxes:
-            self._mailboxes[handler] = Mailbox(handler, self._tasks, self._counters)
+        group = self._local.resolve_group(topic, group)
+        self._local.add(topic, handler, group)
 
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
-        self._table.remove(topic, handler)
-        if not self._table.has_handler(handler):
-            mailbox = self._mailboxes.pop(handler, None)
-            if mailbox is not None:
-                await mailbox.close()
+        await self._local.remove(topic, handler)
 
     @override
     def statistics(self) -> TransportStatistics:
-        c = self._counters
+        local = self._local
+        c = local.counters
         return TransportStatistics(
             backend="memory",
             state=self._state,
             endpoint="memory://",
-            subscriptions=len(self._table.keys()),
-            handlers=self._table.handler_count,
-            queued=sum(m.depth for m in self._mailboxes.values()),
+            subscriptions=len(local.table.keys()),
+            handlers=local.table.handler_count,
+            queued=local.queued(),
             published=c.published,
             delivered=c.delivered,
             handler_errors=c.handler_errors,

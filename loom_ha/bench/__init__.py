@@ -1,0 +1,1 @@
+"""Benchmarks: loom-ha beside the raw clients, measured in the same run."""

@@ -1,0 +1,248 @@
+"""Real consul launchers: a `-dev` agent and a cluster of server agents, all on 127.0.0.1.
+
+Stdlib only; readiness comes from the HTTP API (`/v1/status/leader`), never from py-consul.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from ._net import LOCALHOST, free_ports, http_json
+from ._process import (
+    ServerNotReadyError,
+    ServerProcess,
+    find_server_binary,
+    stop_all,
+    wait_until,
+)
+
+__all__ = ["ConsulAgent", "ConsulCluster"]
+
+# No phone-home to checkpoint.hashicorp.com: nothing leaves the machine.
+_COMMON_HCL = "disable_update_check = true"
+# Test-speed Raft timing (production default is 5).
+_FAST_RAFT_HCL = "performance { raft_multiplier = 1 }"
+
+
+class ConsulAgent(ServerProcess):
+    """A consul agent on 127.0.0.1: `-dev` by default, or one server of a `ConsulCluster`.
+
+    Every port (HTTP, Serf LAN/WAN, server RPC) is free-picked and fixed for the handle's
+    life; DNS and gRPC are disabled so nothing binds a well-known port.
+
+    Args:
+        http_port: HTTP API port; a free one by default.
+        dev: `-dev` mode (in-memory, self-elected leader). False needs `bootstrap_expect`.
+        node_name: `-node`; bootstrap_expect: servers to wait for before electing.
+        retry_join: Serf LAN addresses (`host:port`) of the other servers.
+        name: log/dir name; workdir: fixed dir (else an owned temp dir); data lives in it.
+    """
+
+    def __init__(
+        self,
+        http_port: int | None = None,
+        *,
+        dev: bool = True,
+        node_name: str = "loomha-consul",
+        bootstrap_expect: int | None = None,
+        retry_join: Sequence[str] = (),
+        serf_lan_port: int | None = None,
+        name: str = "consul",
+        workdir: Path | None = None,
+    ) -> None:
+        super().__init__(name=name, workdir=workdir)
+        if not dev and bootstrap_expect is None:
+            raise ValueError("a non-dev server agent needs bootstrap_expect")
+        self.host = LOCALHOST
+        self.http_port, self.server_port = free_ports(2)
+        self.serf_lan_port, self.serf_wan_port = free_ports(2, udp=True)
+        if http_port is not None:
+            self.http_port = http_port
+        if serf_lan_port is not None:
+            self.serf_lan_port = serf_lan_port
+        self.dev = dev
+        self.node_name = node_name
+        self.bootstrap_expect = bootstrap_expect
+        self.retry_join = tuple(retry_join)
+
+    @property
+    def address(self) -> str:
+        """`127.0.0.1:HTTP_PORT`, as py-consul and `CONSUL_HTTP_ADDR` expect it."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        """`http://127.0.0.1:HTTP_PORT`."""
+        return f"http://{self.address}"
+
+    @property
+    def serf_lan_address(self) -> str:
+        """`127.0.0.1:SERF_LAN_PORT`, what other agents `-retry-join`."""
+        return f"{self.host}:{self.serf_lan_port}"
+
+    @property
+    def server_address(self) -> str:
+        """`127.0.0.1:SERVER_PORT`: the Raft/RPC address `/v1/status/leader` reports."""
+        return f"{self.host}:{self.server_port}"
+
+    def api(self, path: str, *, method: str = "GET", payload: object = None) -> object:
+        """Call `/v1/<path>` over plain HTTP (JSON in and out), e.g. to seed or inspect state.
+
+        Raises:
+            OSError: unreachable, or a non-2xx answer.
+        """
+        url = f"{self.http_url}/v1/{path.lstrip('/')}"
+        return http_json(url, method=method, payload=payload, timeout=2.0)
+
+    def leader(self) -> str | None:
+        """Server address of the Raft leader this agent knows, or None during an election."""
+        leader = self.api("status/leader")
+        return leader if isinstance(leader, str) and leader else None
+
+    def _command(self) -> list[str]:
+        argv = [str(find_server_binary("consul")), "agent"]
+        if self.dev:
+            argv.append("-dev")
+        else:
+            argv += ["-server", "-bootstrap-expect", str(self.bootstrap_expect)]
+            argv += ["-data-dir", str(self.workdir / "data"), "-hcl", _FAST_RAFT_HCL]
+        argv += ["-node", self.node_name, "-bind", self.host, "-client", self.host]
+        argv += ["-http-port", str(self.http_port), "-server-port", str(self.server_port)]
+        argv += ["-serf-lan-port", str(self.serf_lan_port)]
+        argv += ["-serf-wan-port", str(self.serf_wan_port)]
+        argv += ["-dns-port", "-1", "-grpc-port", "-1", "-hcl", _COMMON_HCL]
+        for peer in self.retry_join:
+            argv += ["-retry-join", peer]
+        if self.retry_join:
+            argv += ["-retry-interval", "1s"]
+        return argv
+
+    def _probe(self) -> bool:
+        # A dev agent is ready once it elected itself; a cluster member once its API answers
+        # (the cluster's own wait_ready() then waits for the election).
+        leader = self.leader()
+        return leader is not None or not self.dev
+
+
+class ConsulCluster:
+    """`size` consul server agents on 127.0.0.1 that elect one leader (`-bootstrap-expect`).
+
+    Members are `ConsulAgent`s named server0..N-1; each keeps its ports and data dir across
+    `kill()`/`start()`, so a restarted server rejoins with its Raft state.
+    """
+
+    ready_timeout: float = 45.0
+
+    def __init__(self, size: int = 3) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one server")
+        self._root = Path(tempfile.mkdtemp(prefix="loomha-consul-cluster-"))
+        lan_ports = free_ports(size, udp=True)
+        lan = [f"{LOCALHOST}:{port}" for port in lan_ports]
+        self.members: list[ConsulAgent] = [
+            ConsulAgent(
+                dev=False,
+                node_name=f"server{i}",
+                bootstrap_expect=size,
+                retry_join=[addr for j, addr in enumerate(lan) if j != i],
+                serf_lan_port=lan_ports[i],
+                name=f"server{i}",
+                workdir=self._root / f"server{i}",
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def addresses(self) -> list[str]:
+        """HTTP addresses (`127.0.0.1:PORT`) of every member."""
+        return [member.address for member in self.members]
+
+    def leader(self) -> str:
+        """Server (RPC) address of the current leader, as a live member reports it.
+
+        Raises:
+            LookupError: no live member knows a leader.
+        """
+        for member in self._live():
+            try:
+                leader = member.leader()
+            except OSError:
+                continue
+            if leader is not None:
+                return leader
+        raise LookupError("no consul leader known")
+
+    def leader_member(self) -> ConsulAgent:
+        """The member handle that currently leads the cluster."""
+        address = self.leader()
+        for member in self.members:
+            if member.server_address == address:
+                return member
+        raise LookupError(f"leader {address} is not a member of this cluster")
+
+    def start(self) -> Self:
+        """Launch every server at once and return once `wait_ready()` passes.
+
+        Raises:
+            FileNotFoundError: consul is not installed.
+            ServerNotReadyError: a member or the cluster did not become ready (all are stopped).
+        """
+        try:
+            for member in self.members:
+                member.launch()
+            for member in self.members:
+                member.wait_ready()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, *, timeout: float | None = None) -> None:
+        """Block until every live member names the same live leader and sees all servers as peers.
+
+        Raises:
+            ServerNotReadyError: not reached within `timeout` (default `ready_timeout`).
+        """
+        limit = self.ready_timeout if timeout is None else timeout
+        try:
+            wait_until(self._converged, timeout=limit, what="consul leader election")
+        except TimeoutError as exc:
+            logs = "\n".join(f"--- {m.name}:\n{m.log_tail(8)}" for m in self.members)
+            raise ServerNotReadyError(f"consul cluster not ready: {exc}\n{logs}") from exc
+
+    def stop(self) -> None:
+        """Stop every member and remove their dirs. Idempotent."""
+        stop_all(self.members)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _live(self) -> list[ConsulAgent]:
+        return [m for m in self.members if m.alive and not m.paused]
+
+    def _converged(self) -> bool:
+        live = self._live()
+        live_servers = {m.server_address for m in live}
+        leaders = {m.leader() for m in live}
+        if len(leaders) != 1 or not leaders <= live_servers:
+            return False
+        for member in live:
+            peers = member.api("status/peers")
+            if not isinstance(peers, list) or len(peers) != len(self.members):
+                return False
+        return True

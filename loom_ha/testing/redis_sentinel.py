@@ -1,0 +1,308 @@
+"""Real Redis Sentinel launchers: one sentinel process and a master + replicas + sentinels cluster.
+
+Stdlib only; the Redis client library is never imported here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from ._net import LOCALHOST, RespError, RespValue, free_port, free_ports, resp_command
+from ._process import (
+    ServerNotReadyError,
+    ServerProcess,
+    find_server_binary,
+    stop_all,
+    wait_until,
+)
+from .redis_servers import RedisServer, quote_config, write_config_once
+
+__all__ = ["RedisSentinel", "RedisSentinelCluster"]
+
+# While members come up or fail over, these mean "not yet" rather than "broken".
+_RETRY: tuple[type[Exception], ...] = (OSError, RespError, LookupError)
+
+
+class RedisSentinel(ServerProcess):
+    """One Sentinel process (`redis-server sentinel.conf --sentinel`) watching one master."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        master_name: str,
+        master: tuple[str, int],
+        quorum: int = 2,
+        down_after: float = 1.0,
+        failover_timeout: float = 3.0,
+        auth_pass: str | None = None,
+        name: str = "sentinel",
+        workdir: Path | None = None,
+    ) -> None:
+        super().__init__(name=name, workdir=workdir)
+        self.host = LOCALHOST
+        self.port = port if port is not None else free_port()
+        self.master_name = master_name
+        self.master = master
+        self.quorum = quorum
+        self.down_after = down_after
+        self.failover_timeout = failover_timeout
+        self.auth_pass = auth_pass
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of this sentinel."""
+        return (self.host, self.port)
+
+    def command(self, *args: str, timeout: float = 2.0) -> RespValue:
+        """Run one command against this sentinel over a fresh connection."""
+        return resp_command(self.address, *args, timeout=timeout)
+
+    def master_address(self) -> tuple[str, int]:
+        """The master this sentinel currently believes in (`get-master-addr-by-name`)."""
+        reply = self.command("SENTINEL", "get-master-addr-by-name", self.master_name)
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise RespError(f"no master known for {self.master_name!r}: {reply!r}")
+        host, port = (v.decode() if isinstance(v, bytes) else str(v) for v in reply)
+        return (host, int(port))
+
+    def master_state(self) -> dict[str, str]:
+        """`SENTINEL master <name>` as a dict (num-slaves, num-other-sentinels, flags, ...)."""
+        reply = self.command("SENTINEL", "master", self.master_name)
+        if not isinstance(reply, list):
+            raise RespError(f"unexpected SENTINEL master reply {reply!r}")
+        items = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
+        return dict(zip(items[::2], items[1::2], strict=True))
+
+    def _prepare(self) -> None:
+        name = self.master_name
+        lines = [
+            f"port {self.port}",
+            f"bind {LOCALHOST}",
+            f"dir {quote_config(str(self.workdir))}",
+            "daemonize no",
+            'logfile ""',
+            "sentinel resolve-hostnames no",
+            f"sentinel monitor {name} {self.master[0]} {self.master[1]} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {round(self.down_after * 1000)}",
+            f"sentinel failover-timeout {name} {round(self.failover_timeout * 1000)}",
+        ]
+        if self.auth_pass is not None:
+            lines.append(f"sentinel auth-pass {name} {quote_config(self.auth_pass)}")
+        write_config_once(self.workdir / "sentinel.conf", lines)
+
+    def _command(self) -> list[str]:
+        binary = find_server_binary("redis-server")
+        return [str(binary), str(self.workdir / "sentinel.conf"), "--sentinel"]
+
+    def _probe(self) -> bool:
+        return self.command("PING", timeout=1.0) == "PONG"
+
+
+class RedisSentinelCluster:
+    """One master, `replicas` replicas and `sentinels` sentinels, all on 127.0.0.1.
+
+    Failure detection is tuned for tests (`down_after`=1 s, `failover_timeout`=3 s). `servers[0]`
+    is the initial master; after a failover use `master()` / `master_address()`.
+    """
+
+    ready_timeout: float = 30.0
+
+    def __init__(
+        self,
+        *,
+        master_name: str = "mymaster",
+        replicas: int = 2,
+        sentinels: int = 3,
+        quorum: int = 2,
+        down_after: float = 1.0,
+        failover_timeout: float = 3.0,
+        password: str | None = None,
+    ) -> None:
+        self.master_name = master_name
+        self.password = password
+        self._root = Path(tempfile.mkdtemp(prefix="loomha-redis-sentinel-"))
+        ports = free_ports(1 + replicas + sentinels)
+        master = (LOCALHOST, ports[0])
+        self.servers: list[RedisServer] = [
+            RedisServer(
+                ports[i],
+                password=password,
+                replicaof=None if i == 0 else master,
+                name=f"redis-{i}",
+                workdir=self._root / f"redis-{i}",
+            )
+            for i in range(1 + replicas)
+        ]
+        self.sentinels: list[RedisSentinel] = [
+            RedisSentinel(
+                port,
+                master_name=master_name,
+                master=master,
+                quorum=quorum,
+                down_after=down_after,
+                failover_timeout=failover_timeout,
+                auth_pass=password,
+                name=f"sentinel-{i}",
+                workdir=self._root / f"sentinel-{i}",
+            )
+            for i, port in enumerate(ports[1 + replicas :])
+        ]
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every sentinel."""
+        return [s.address for s in self.sentinels]
+
+    @property
+    def url(self) -> str:
+        """`redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,.../<master_name>`."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    @property
+    def members(self) -> list[ServerProcess]:
+        """Every process handle: servers first, then sentinels."""
+        return [*self.servers, *self.sentinels]
+
+    def master_address(self) -> tuple[str, int]:
+        """Ask the sentinels (first one that answers) for the current master address."""
+        errors: list[str] = []
+        for sentinel in self.sentinels:
+            if not sentinel.alive or sentinel.paused:
+                continue
+            try:
+                return sentinel.master_address()
+            except (OSError, RespError) as exc:
+                errors.append(f"{sentinel.name}: {exc}")
+        raise ConnectionError(f"no sentinel answered: {errors}")
+
+    def master(self) -> RedisServer:
+        """The handle of the server the sentinels currently name as master."""
+        return self.server_at(self.master_address())
+
+    def server_at(self, address: tuple[str, int]) -> RedisServer:
+        """The server handle listening on `address`."""
+        for server in self.servers:
+            if server.address == address:
+                return server
+        raise LookupError(f"no server of this cluster listens on {address}")
+
+    def start(self) -> Self:
+        """Start servers, then sentinels; return once `wait_ready()` passes.
+
+        Raises:
+            FileNotFoundError: redis-server is not installed.
+            ServerNotReadyError: a member or the cluster did not become ready (all are stopped).
+        """
+        try:
+            for member in self.servers:
+                member.launch()
+            for member in self.servers:
+                member.wait_ready()
+            self._wait_replication(self.servers[0], self.ready_timeout)
+            for sentinel in self.sentinels:
+                sentinel.launch()
+            for sentinel in self.sentinels:
+                sentinel.wait_ready()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, *, timeout: float | None = None) -> None:
+        """Block until the sentinels agree on a live master that every live replica follows.
+
+        Each live sentinel must also see all replicas and all other sentinels.
+
+        Raises:
+            ServerNotReadyError: not reached within `timeout` (default `ready_timeout`).
+        """
+        limit = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        try:
+            wait_until(
+                self._sentinels_agree, timeout=limit, what="sentinels to agree", ignore=_RETRY
+            )
+            master = self.master()
+            self._wait_replication(master, max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, LookupError, ConnectionError) as exc:
+            logs = "\n".join(f"--- {m.name}:\n{m.log_tail(8)}" for m in self.members)
+            raise ServerNotReadyError(f"redis sentinel cluster not ready: {exc}\n{logs}") from exc
+
+    def wait_for_failover(
+        self, old_master: tuple[str, int], *, timeout: float = 30.0
+    ) -> RedisServer:
+        """Block until the sentinels promoted a master other than `old_master`; return it."""
+
+        def promoted() -> bool:
+            address = self.master_address()
+            if address == old_master:
+                return False
+            return self.server_at(address).info().get("role") == "master"
+
+        wait_until(
+            promoted, timeout=timeout, what=f"failover away from {old_master}", ignore=_RETRY
+        )
+        self.wait_ready(timeout=timeout)
+        return self.master()
+
+    def stop(self) -> None:
+        """Stop every member (sentinels first, so no failover runs meanwhile); remove the dirs."""
+        stop_all(self.sentinels)
+        stop_all(self.servers)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _sentinels_agree(self) -> bool:
+        live = [s for s in self.sentinels if s.alive and not s.paused]
+        if not live:
+            return False
+        addresses = {s.master_address() for s in live}
+        if len(addresses) != 1:
+            return False
+        master = self.server_at(addresses.pop())
+        if not master.alive or master.info().get("role") != "master":
+            return False
+        for sentinel in live:
+            state = sentinel.master_state()
+            flags = state.get("flags", "").split(",")
+            if "s_down" in flags or "o_down" in flags:
+                return False
+            if int(state.get("num-slaves", 0)) < len(self.servers) - 1:
+                return False
+            if int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def _wait_replication(self, master: RedisServer, timeout: float) -> None:
+        def linked() -> bool:
+            for server in self.servers:
+                if server is master or not server.alive or server.paused:
+                    continue
+                info = server.info()
+                if info.get("master_port") != str(master.port):
+                    return False
+                if info.get("master_link_status") != "up":
+                    return False
+            return True
+
+        wait_until(
+            linked, timeout=timeout, what=f"replicas to sync with {master.name}", ignore=_RETRY
+        )

@@ -1,0 +1,80 @@
+"""RetryPolicy retries only transient errors, gives up when told, and never eats cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from loom_ha.errors import ConfigurationError, ConnectionLostError, FailoverExhaustedError
+from loom_ha.retry import RetryPolicy
+
+
+async def test_transient_errors_are_retried_until_success() -> None:
+    """A ConnectionLostError is retried; the result of the first success is returned."""
+    calls = 0
+    retries: list[int] = []
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionLostError("broker away")
+        return "ok"
+
+    policy = RetryPolicy(wait_initial=0.001, wait_max=0.01, wait_jitter=0)
+    assert await policy.call(flaky, on_retry=lambda n, e, d: retries.append(n)) == "ok"
+    assert calls == 3
+    assert retries == [1, 2]
+
+
+async def test_other_errors_are_raised_at_once() -> None:
+    """A non-transient error is not retried."""
+    calls = 0
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError):
+        await RetryPolicy(wait_initial=0.001, wait_jitter=0).call(broken)
+    assert calls == 1
+
+
+async def test_gives_up_after_attempts_with_the_cause() -> None:
+    """With attempts set, FailoverExhaustedError carries the count and the last error."""
+
+    async def down() -> None:
+        raise ConnectionLostError("still down")
+
+    policy = RetryPolicy(attempts=3, wait_initial=0.001, wait_max=0.001, wait_jitter=0)
+    with pytest.raises(FailoverExhaustedError) as info:
+        await policy.call(down)
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, ConnectionLostError)
+
+
+async def test_cancellation_interrupts_a_backoff_promptly() -> None:
+    """Cancelling during a long backoff ends the call within a fraction of a second."""
+
+    async def down() -> None:
+        raise ConnectionLostError("down")
+
+    policy = RetryPolicy(wait_initial=30, wait_max=30, wait_jitter=0)
+    task = asyncio.create_task(policy.call(down))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 1.0
+
+
+def test_bad_options_fail_at_construction() -> None:
+    """Nonsense settings are rejected with the option named."""
+    with pytest.raises(ConfigurationError, match="attempts"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ConfigurationError, match="wait_initial"):
+        RetryPolicy(wait_initial=10, wait_max=1)

@@ -48,7 +48,7 @@ async def memory_rows(events: int, pings: int) -> list[BenchRow]:
 
 def codec_rows() -> list[BenchRow]:
     """Encode + validated decode per event, beside pydantic's JSON round trip."""
-    from loom_ha._codec_bench import codec_benchmark
+    from loom_ha.bench.codec import codec_benchmark
 
     figures = codec_benchmark()
     return [

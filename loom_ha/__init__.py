@@ -1,1 +1,64 @@
-"""loom-ha: high-availability messaging for Loom agents and any CloudEvents app."""
+"""loom-ha: high-availability messaging for Loom agents and any CloudEvents app.
+
+Importing this package never imports a broker client: `loom_ha.redis`,
+`loom_ha.nats` and `loom_ha.discovery` load theirs when used.
+"""
+
+from loom_ha.deadletter import DeadLetter
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    FailoverExhaustedError,
+    LoomHAError,
+    NoHealthyInstanceError,
+    NotConnectedError,
+    PublishError,
+    RegistryError,
+    RegistryUnavailableError,
+    SerializationError,
+    TransientError,
+    TransportClosedError,
+    TransportError,
+    UnsupportedCapabilityError,
+)
+from loom_ha.event import CloudEvent, EventCodec
+from loom_ha.memory import InMemoryTransport
+from loom_ha.policy import DeliveryPolicy
+from loom_ha.retry import RetryPolicy
+from loom_ha.transport import (
+    Capabilities,
+    Handler,
+    Transport,
+    TransportState,
+    TransportStatistics,
+    loom_request_groups,
+)
+
+__all__ = [
+    "Capabilities",
+    "CloudEvent",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DeadLetter",
+    "DeliveryPolicy",
+    "EventCodec",
+    "FailoverExhaustedError",
+    "Handler",
+    "InMemoryTransport",
+    "LoomHAError",
+    "NoHealthyInstanceError",
+    "NotConnectedError",
+    "PublishError",
+    "RegistryError",
+    "RegistryUnavailableError",
+    "RetryPolicy",
+    "SerializationError",
+    "TransientError",
+    "Transport",
+    "TransportClosedError",
+    "TransportError",
+    "TransportState",
+    "TransportStatistics",
+    "UnsupportedCapabilityError",
+    "loom_request_groups",
+]

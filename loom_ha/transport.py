@@ -12,7 +12,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self, TypeAlias
+from typing import Any, Self, TypeAlias
 
 from loom_ha._handlers import Handler
 from loom_ha.errors import NotConnectedError, TransportClosedError
@@ -92,6 +92,9 @@ class TransportStatistics:
     dead_lettered: int = 0
     redelivered: int = 0
     reconnects: int = 0
+    duplicates_dropped: int = 0
+    outbox_depth: int = 0
+    outbox_dropped: int = 0
     extra: dict[str, Any] | None = None
 
 
@@ -112,7 +115,7 @@ class Transport(ABC):
     * `unsubscribe()` of an unknown handler is a no-op.
     """
 
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities  # a class attribute; HATransport sets it per instance
 
     @abstractmethod
     async def connect(self) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from loom_ha.ha import HATransport
 from loom_ha.memory import InMemoryTransport
 from loom_ha.testing.conformance import Backend, TransportConformance
 
 BACKENDS = [
     "memory",
+    "ha-memory",
 ]
 
 
@@ -16,6 +18,16 @@ BACKENDS = [
 def backend_memory() -> Backend:
     """The embedded default: one shared in-process transport."""
     return Backend("memory", InMemoryTransport, InMemoryTransport.capabilities)
+
+
+@pytest.fixture
+def backend_ha_memory() -> Backend:
+    """HATransport over the embedded default: the HA layer must not change semantics."""
+    return Backend(
+        "ha-memory",
+        lambda: HATransport(InMemoryTransport()),
+        HATransport(InMemoryTransport()).capabilities,
+    )
 
 
 class TestTransportConformance(TransportConformance):

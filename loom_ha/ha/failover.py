@@ -1,0 +1,388 @@
+"""HATransport: the reconnecting core users put under LoomApp.
+
+It wraps any transport and adds what an application needs while brokers fail:
+
+* an observable state machine (connecting → connected → reconnecting → closed);
+* recovery through `RetryPolicy` (backoff with jitter, never gives up unless
+  configured), rebuilding the inner transport on the next endpoint when it is
+  gone for good, and restoring every subscription before queued publishes resume;
+* a bounded outbox (`loom_ha.ha.outbox`) so publishes made while the broker is
+  away wait, fail fast or drop the oldest, and replay with the same event id;
+* a dedup window (`loom_ha.ha.dedup`) so handlers see an event once across
+  replays and redeliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from typing_extensions import override
+
+from loom_ha._handlers import Handler
+from loom_ha._tasks import TaskSupervisor
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    TransientError,
+    TransportClosedError,
+)
+from loom_ha.ha.dedup import DedupWindow, MemoryDedup, idempotency_key
+from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
+from loom_ha.retry import RetryPolicy
+from loom_ha.topics import parse_pattern, validate_topic
+from loom_ha.transport import (
+    Transport,
+    TransportState,
+    TransportStatistics,
+    require_connected,
+)
+
+log = logging.getLogger("loom_ha.ha")
+
+StateListener = Callable[[TransportState], None]
+TransportFactory = Callable[[], Transport]
+
+_LIVE_INNER = (TransportState.CONNECTED,)
+_DEAD_INNER = (TransportState.CLOSED, TransportState.DISCONNECTED, TransportState.NEW)
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    topic: str
+    handler: Handler
+    group: str | None
+
+
+class _DedupHandler:
+    """Runs a handler unless its window already saw the event; releases the claim on failure."""
+
+    def __init__(self, handler: Handler, window: DedupWindow, scope: str, ha: HATransport) -> None:
+        self.handler, self._window, self._scope, self._ha = handler, window, scope, ha
+
+    async def __call__(self, event: Any) -> None:
+        key = f"{self._scope}\x1f{idempotency_key(event)}"
+        if not await self._window.claim(key):
+            self._ha.duplicates_dropped += 1
+            return
+        try:
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except BaseException:
+            await self._window.release(key)
+            raise
+
+    def __repr__(self) -> str:
+        return f"dedup({self.handler!r})"
+
+
+class HATransport(Transport):
+    """A transport that survives broker failures; see the module docstring.
+
+    Args:
+        target: the inner transport, or a factory of inner transports, or a list of
+            factories (one per endpoint, tried in turn on failover).
+        retry: how recovery retries; the default never gives up.
+        outbox: the outbox settings (policy, size, block timeout).
+        dedup: the dedup window; ``None`` turns deduplication off. The default is an
+            in-process window; pass `RedisDedup` to share it across instances.
+        instance_id: scopes fan-out dedup keys to this process (groups share theirs).
+        health_interval: seconds between checks of the inner transport's state.
+    """
+
+    def __init__(
+        self,
+        target: Transport | TransportFactory | Sequence[TransportFactory],
+        *,
+        retry: RetryPolicy | None = None,
+        outbox: OutboxConfig | None = None,
+        dedup: DedupWindow | bool | None = True,
+        instance_id: str = "local",
+        health_interval: float = 0.2,
+    ) -> None:
+        if isinstance(target, Transport):
+            fixed = target
+            self._factories: list[TransportFactory] = [lambda: fixed]
+        elif callable(target):
+            self._factories = [target]
+        else:
+            self._factories = list(target)
+        if not self._factories:
+            raise ConfigurationError("HATransport needs at least one endpoint")
+        if health_interval <= 0:
+            raise ConfigurationError(f"health_interval must be > 0, got {health_interval}")
+        self._endpoint = itertools.cycle(range(len(self._factories)))
+        self._endpoint_index = next(self._endpoint)
+        self._inner: Transport = self._factories[self._endpoint_index]()
+        self._retry = retry or RetryPolicy()
+        self._outbox = Outbox(outbox or OutboxConfig())
+        self._dedup: DedupWindow | None = MemoryDedup() if dedup is True else (dedup or None)
+        self.capabilities = replace(self._inner.capabilities, dedup=self._dedup is not None)
+        self._instance_id = instance_id
+        self._health_interval = health_interval
+        self._state = TransportState.NEW
+        self._listeners: list[StateListener] = []
+        self._subs: list[_Subscription] = []
+        self._wrappers: dict[Handler, Handler] = {}
+        self._tasks = TaskSupervisor("loom_ha.ha")
+        self._recovery: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.reconnects = 0
+        self.duplicates_dropped = 0
+        self.published = 0
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> TransportState:
+        """The current state (see `TransportState`)."""
+        return self._state
+
+    @property
+    def inner(self) -> Transport:
+        """The transport currently in use (changes on endpoint failover)."""
+        return self._inner
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener(new_state)` on every change; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _set_state(self, state: TransportState) -> None:
+        if state is self._state:
+            return
+        log.info("HATransport %s -> %s", self._state.value, state.value)
+        self._state = state
+        if state is TransportState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                log.exception("state listener %r failed", listener)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the state is CONNECTED (after a reconnect, say)."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @override
+    async def connect(self) -> None:
+        """Connect (retrying per the policy); a no-op while connected or reconnecting."""
+        if self._state in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            return
+        if self._state is TransportState.CLOSED:
+            raise TransportClosedError("HATransport is closed")
+        if self._state is TransportState.CONNECTING:
+            await self._connected.wait()
+            return
+        self._tasks.reopen()
+        self._set_state(TransportState.CONNECTING)
+        try:
+            await self._retry.call(self._attach, on_retry=self._log_retry)
+        except BaseException:
+            self._set_state(TransportState.DISCONNECTED)
+            raise
+        self._set_state(TransportState.CONNECTED)
+        self._tasks.spawn(self._watch_inner(), name="health")
+
+    async def _attach(self) -> None:
+        """Connect the inner transport and restore every recorded subscription on it."""
+        inner = self._inner
+        if inner.statistics().state in _DEAD_INNER:
+            await inner.connect()
+        for sub in list(self._subs):
+            await inner.subscribe(sub.topic, self._wrapped(sub.handler, sub), group=sub.group)
+
+    @override
+    async def disconnect(self) -> None:
+        """Stop recovery and the inner transport; waiting publishers get an error."""
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+            return
+        self._set_state(TransportState.DISCONNECTED)
+        await self._shutdown()
+
+    @override
+    async def close(self) -> None:
+        """Disconnect for good: later calls raise `TransportClosedError`."""
+        if self._state is not TransportState.CLOSED:
+            self._set_state(TransportState.CLOSED)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._outbox.fail_all(TransportClosedError("HATransport closed before sending"))
+        try:
+            await self._tasks.aclose()
+        finally:
+            self._recovery = None
+            self._subs.clear()
+            self._wrappers.clear()
+            await self._inner.disconnect()
+            if self._dedup is not None:
+                await self._dedup.close()
+
+    # -- operations ----------------------------------------------------------------------
+
+    @override
+    async def publish(
+        self,
+        topic: str,
+        event: Any,
+        *,
+        policy: OutboxPolicy | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish now, or per the outbox policy while the broker is away.
+
+        Args:
+            policy: overrides the outbox policy for this call.
+            timeout: overrides the BLOCK timeout for this call.
+        """
+        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            require_connected(self._state, "ha")
+        validate_topic(topic)
+        if self._state is TransportState.CONNECTED and self._outbox.depth == 0:
+            try:
+                await self._inner.publish(topic, event)
+                self.published += 1
+                return
+            except Exception as exc:
+                if not isinstance(exc, TransientError):
+                    raise
+                self._start_recovery(exc)
+        await self._outbox.put(topic, event, policy=policy, timeout=timeout)
+
+    @override
+    async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
+        """Subscribe now; while reconnecting, recorded and made live before replays resume."""
+        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            require_connected(self._state, "ha")
+        parse_pattern(topic)
+        sub = _Subscription(topic, handler, group)
+        if sub in self._subs:
+            return
+        self._subs.append(sub)
+        if self._state is TransportState.CONNECTED:
+            try:
+                await self._inner.subscribe(topic, self._wrapped(handler, sub), group=group)
+            except Exception as exc:
+                if not isinstance(exc, TransientError):
+                    self._subs.remove(sub)
+                    raise
+                self._start_recovery(exc)
+
+    @override
+    async def unsubscribe(self, topic: str, handler: Handler) -> None:
+        """Forget the subscription (it is not restored after a reconnect)."""
+        self._subs = [s for s in self._subs if not (s.topic == topic and s.handler == handler)]
+        wrapper = self._wrappers.get(handler)
+        if wrapper is not None and not any(s.handler == handler for s in self._subs):
+            del self._wrappers[handler]
+        if wrapper is not None and self._state is TransportState.CONNECTED:
+            try:
+                await self._inner.unsubscribe(topic, wrapper)
+            except Exception as exc:
+                if not isinstance(exc, TransientError):
+                    raise
+                self._start_recovery(exc)
+
+    def _wrapped(self, handler: Handler, sub: _Subscription) -> Handler:
+        """One wrapper per handler, so the inner transport's once-per-handler rule holds."""
+        wrapper = self._wrappers.get(handler)
+        if wrapper is None:
+            if self._dedup is None:
+                wrapper = handler
+            else:
+                scope = (
+                    f"g:{sub.group}:{sub.topic}"
+                    if sub.group
+                    else f"i:{self._instance_id}:{id(handler)}"
+                )
+                wrapper = _DedupHandler(handler, self._dedup, scope, self)
+            self._wrappers[handler] = wrapper
+        return wrapper
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def _start_recovery(self, cause: BaseException | None) -> None:
+        """Enter RECONNECTING and start the one recovery task (if not running)."""
+        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            return
+        if self._recovery is not None and not self._recovery.done():
+            return
+        log.warning("broker connection lost (%s); recovering", cause)
+        self.reconnects += 1
+        self._set_state(TransportState.RECONNECTING)
+        self._recovery = self._tasks.spawn(self._recover(), name="recovery")
+
+    async def _recover(self) -> None:
+        await self._retry.call(self._recover_once, on_retry=self._log_retry)
+        self._set_state(TransportState.CONNECTED)
+
+    async def _recover_once(self) -> None:
+        """One attempt: get a live inner transport, restore subscriptions, replay the outbox."""
+        state = self._inner.statistics().state
+        if state in _DEAD_INNER:
+            await self._rebuild_inner()
+        elif state is not TransportState.CONNECTED:
+            raise ConnectionLostError(f"inner transport is {state.value}")
+        await self._outbox.drain(self._send_replay)
+
+    async def _rebuild_inner(self) -> None:
+        """Replace a dead inner transport with a fresh one on the next endpoint."""
+        old = self._inner
+        await old.disconnect()
+        self._endpoint_index = next(self._endpoint)
+        self._inner = self._factories[self._endpoint_index]()
+        try:
+            await self._attach()
+        except BaseException:
+            await self._inner.disconnect()
+            raise
+
+    async def _send_replay(self, topic: str, event: Any) -> None:
+        await self._inner.publish(topic, event)
+        self.published += 1
+
+    async def _watch_inner(self) -> None:
+        """Notice an inner transport that stopped being connected, and recover."""
+        while True:
+            await asyncio.sleep(self._health_interval)
+            if self._state is TransportState.CONNECTED:
+                state = self._inner.statistics().state
+                if state is not TransportState.CONNECTED:
+                    self._start_recovery(ConnectionLostError(f"inner transport is {state.value}"))
+
+    def _log_retry(self, attempt: int, error: BaseException, delay: float) -> None:
+        log.warning("attempt %d failed (%s); next try in %.2fs", attempt, error, delay)
+
+    # -- observability -------------------------------------------------------------------
+
+    @property
+    def outbox_depth(self) -> int:
+        """Publishes waiting for the broker."""
+        return self._outbox.depth
+
+    @override
+    def statistics(self) -> TransportStatistics:
+        inner = self._inner.statistics()
+        return replace(
+            inner,
+            backend=f"ha({inner.backend})",
+            state=self._state,
+            subscriptions=len(self._subs),
+            reconnects=self.reconnects + inner.reconnects,
+            duplicates_dropped=self.duplicates_dropped,
+            outbox_depth=self._outbox.depth,
+            outbox_dropped=self._outbox.dropped,
+        )

@@ -1,0 +1,71 @@
+"""Prometheus metrics read from transports' `statistics()` at scrape time.
+
+Nothing is counted twice: transports keep their own counters, and this collector
+turns a snapshot of them into Prometheus families when scraped::
+
+    from prometheus_client import REGISTRY, start_http_server
+    REGISTRY.register(TransportMetrics({"main": transport}))
+    start_http_server(9108)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loom_ha.transport import Transport, TransportState
+
+_COUNTERS = (
+    ("published", "Events handed to the broker"),
+    ("delivered", "Events a handler finished without error"),
+    ("handler_errors", "Handler calls that raised"),
+    ("redelivered", "Events the broker delivered again"),
+    ("dead_lettered", "Events moved to the dead-letter place"),
+    ("malformed", "Messages that were not valid CloudEvents"),
+    ("duplicates_dropped", "Events a dedup window kept from a handler"),
+    ("reconnects", "Times the connection to the broker was re-established"),
+    ("outbox_dropped", "Events a full drop_oldest outbox discarded"),
+)
+_GAUGES = (
+    ("outbox_depth", "Publishes waiting for the broker"),
+    ("queued", "Events waiting for a handler in this process"),
+    ("subscriptions", "Live subscriptions"),
+)
+
+
+class TransportMetrics(Collector):
+    """A Prometheus collector for named transports (label ``transport``)."""
+
+    def __init__(self, transports: Mapping[str, Transport] | None = None) -> None:
+        self._transports: dict[str, Transport] = dict(transports or {})
+
+    def add(self, name: str, transport: Transport) -> None:
+        """Start exporting `transport` under `name`."""
+        self._transports[name] = transport
+
+    def remove(self, name: str) -> None:
+        """Stop exporting `name` (unknown names are ignored)."""
+        self._transports.pop(name, None)
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield one family per figure, with a sample per transport."""
+        snapshots = {name: t.statistics() for name, t in self._transports.items()}
+        for field, doc in _COUNTERS:
+            family = CounterMetricFamily(f"loom_ha_{field}", doc, labels=["transport", "backend"])
+            for name, stats in snapshots.items():
+                family.add_metric([name, stats.backend], getattr(stats, field))
+            yield family
+        for field, doc in _GAUGES:
+            gauge = GaugeMetricFamily(f"loom_ha_{field}", doc, labels=["transport", "backend"])
+            for name, stats in snapshots.items():
+                gauge.add_metric([name, stats.backend], getattr(stats, field))
+            yield gauge
+        state = GaugeMetricFamily(
+            "loom_ha_state", "1 for the transport's current state", labels=["transport", "state"]
+        )
+        for name, stats in snapshots.items():
+            for candidate in TransportState:
+                state.add_metric([name, candidate.value], float(stats.state is candidate))
+        yield state

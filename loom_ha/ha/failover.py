@@ -369,6 +369,11 @@ class HATransport(Transport):
     # -- observability -------------------------------------------------------------------
 
     @property
+    def outbox_config(self) -> OutboxConfig:
+        """The outbox settings in force."""
+        return self._outbox.config
+
+    @property
     def outbox_depth(self) -> int:
         """Publishes waiting for the broker."""
         return self._outbox.depth

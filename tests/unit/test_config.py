@@ -1,0 +1,80 @@
+"""The one-line switch: URLs and environment variables build the right transport, or fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom_ha.config import create_transport, transport_from_env
+from loom_ha.errors import ConfigurationError
+from loom_ha.ha import HATransport, OutboxPolicy
+from loom_ha.memory import InMemoryTransport
+from loom_ha.nats import JetStreamTransport, NatsCoreTransport
+from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+
+
+@pytest.mark.parametrize(
+    ("url", "inner"),
+    [
+        ("memory://", InMemoryTransport),
+        ("redis://127.0.0.1:6390/0", RedisStreamsTransport),
+        ("redis://127.0.0.1:6390/0?mode=pubsub", RedisPubSubTransport),
+        ("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster?mode=streams", RedisStreamsTransport),
+        ("nats://127.0.0.1:1,nats://127.0.0.1:2", JetStreamTransport),
+        ("nats://127.0.0.1:1,127.0.0.1:2?mode=core", NatsCoreTransport),
+    ],
+)
+async def test_urls_pick_backend_and_mode(url: str, inner: type) -> None:
+    """Each URL form builds an HATransport around the backend and mode it names."""
+    transport = create_transport(url)
+    assert isinstance(transport, HATransport)
+    assert isinstance(transport.inner, inner)
+
+
+async def test_options_reach_the_ha_layer() -> None:
+    """Outbox policy and ha=false are read from the query string."""
+    transport = create_transport("memory://?outbox=fail_fast&outbox_size=5&dedup=off")
+    assert isinstance(transport, HATransport)
+    assert transport.outbox_config.policy is OutboxPolicy.FAIL_FAST
+    assert transport.capabilities.dedup is False
+    assert isinstance(create_transport("memory://?ha=false"), InMemoryTransport)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("localhost:6379", "no scheme"),
+        ("amqp://x", "amqp"),
+        ("memory://?mode=streams", "mode"),
+        ("redis://h:1?mode=jetstream", "mode"),
+        ("memory://?outbox=maybe", "outbox"),
+        ("memory://?outbox_size=lots", "outbox_size"),
+        ("memory://?outbox_size=0", "max_size"),
+        ("memory://?colour=blue", "colour"),
+        ("nats://h:1?colour=blue", "colour"),
+        ("nats://h:1?dedup=redis", "dedup_url"),
+        ("redis://h:notaport", "port"),
+    ],
+)
+def test_bad_urls_fail_at_construction_naming_the_part(url: str, named: str) -> None:
+    """A bad scheme, option or value raises ConfigurationError that names it."""
+    with pytest.raises(ConfigurationError, match=named):
+        create_transport(url)
+
+
+def test_environment_follows_loom_variables() -> None:
+    """LOOM_TRANSPORT, REDIS_URL, NATS_SERVERS and LOOM_HA_OPTIONS pick transport and options."""
+    assert isinstance(transport_from_env({}).inner, InMemoryTransport)  # type: ignore[attr-defined]
+    redis = transport_from_env(
+        {
+            "LOOM_TRANSPORT": "redis",
+            "REDIS_URL": "redis://127.0.0.1:6390",
+            "LOOM_HA_OPTIONS": "mode=pubsub",
+        }
+    )
+    assert isinstance(redis.inner, RedisPubSubTransport)  # type: ignore[attr-defined]
+    nats = transport_from_env(
+        {"LOOM_TRANSPORT": "nats", "NATS_SERVERS": "nats://127.0.0.1:1,nats://127.0.0.1:2"}
+    )
+    assert isinstance(nats.inner, JetStreamTransport)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="LOOM_TRANSPORT"):
+        transport_from_env({"LOOM_TRANSPORT": "kafka"})

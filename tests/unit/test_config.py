@@ -1,4 +1,4 @@
-"""The one-line switch: URLs and environment variables build the right transport, or fail clearly."""
+"""The one-line switch: URLs and environment variables build the right transport."""
 
 from __future__ import annotations
 

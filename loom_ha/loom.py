@@ -18,3 +18,22 @@ async def start_nodes(app: Any, *nodes: Any) -> None:
     await app.start()
     for node in nodes:
         await node._subscribe_to_events()
+
+
+def loom_transport(url: str | None = None) -> Any:
+    """A loom-ha transport for LoomApp: from `url`, else from the environment.
+
+    Received events are built as Loom's own `CloudEvent` class, and the transport is
+    registered as a virtual subclass of Loom's `Transport` ABC. Close it yourself
+    (``await transport.close()`` or ``async with``): LoomApp never disconnects.
+    """
+    from loom.interfaces.transport import Transport as LoomTransportABC
+    from loom.protocol.cloudevents import CloudEvent as LoomCloudEvent
+
+    from loom_ha.config import create_transport, transport_from_env
+    from loom_ha.transport import Transport
+
+    LoomTransportABC.register(Transport)
+    if url is None:
+        return transport_from_env(event_class=LoomCloudEvent)
+    return create_transport(url, event_class=LoomCloudEvent)

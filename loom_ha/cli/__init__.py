@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.logging import RichHandler
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="loom-ha", description="High-availability messaging for Loom agents."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="show warnings (-v) or info (-vv)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -25,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--transport", choices=["memory"], default="memory")
     bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")
     bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
+    chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
+    chaos.add_argument("--broker", choices=["redis", "nats"], default="redis")
+    chaos.add_argument("--events", type=int, default=10_000, help="events to publish (10,000)")
+    chaos.add_argument("--mode", default=None, help="transport mode (default: the durable one)")
+    chaos.add_argument("--options", default="", help="extra URL options, e.g. outbox=fail_fast")
     return parser
 
 
@@ -32,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `loom-ha` console script."""
     args = build_parser().parse_args(argv)
     console = Console()
+    level = (logging.ERROR, logging.WARNING, logging.INFO)[min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
     if args.command == "demo":
         from loom_ha.cli.demo import run_demo
 
@@ -41,6 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(
             run_bench(console, transport=args.transport, events=args.events, pings=args.pings)
+        )
+    if args.command == "chaos":
+        from loom_ha.cli.chaos import run_chaos_command
+
+        return asyncio.run(
+            run_chaos_command(
+                console,
+                broker=args.broker,
+                events=args.events,
+                mode=args.mode,
+                options=args.options,
+            )
         )
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -335,8 +335,20 @@ class HATransport(Transport):
         if state in _DEAD_INNER:
             await self._rebuild_inner()
         elif state is not TransportState.CONNECTED:
-            raise ConnectionLostError(f"inner transport is {state.value}")
+            await self._await_inner_recovery()
         await self._outbox.drain(self._send_replay)
+
+    async def _await_inner_recovery(self) -> None:
+        """Follow an inner transport that is reconnecting by itself, closely (every 50 ms),
+        for up to `retry.wait_max`; the retry policy's backoff only paces longer outages."""
+        deadline = asyncio.get_running_loop().time() + max(self._retry.wait_max, 0.05)
+        while True:
+            state = self._inner.statistics().state
+            if state is TransportState.CONNECTED:
+                return
+            if state in _DEAD_INNER or asyncio.get_running_loop().time() >= deadline:
+                raise ConnectionLostError(f"inner transport is {state.value}")
+            await asyncio.sleep(0.05)
 
     async def _rebuild_inner(self) -> None:
         """Replace a dead inner transport with a fresh one on the next endpoint."""

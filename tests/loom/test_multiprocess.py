@@ -1,0 +1,146 @@
+"""Real LoomApp processes talking over real brokers through loom-ha (issue: Loom integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loom.api.main import LoomApp
+from loom.kernel.interceptors.timeout import TimeoutInterceptor
+
+from loom_ha.loom import loom_transport
+
+SERVER = Path(__file__).with_name("node_server.py")
+
+
+class NodeProcesses:
+    """Node-server processes on one URL; each logs the requests it processed."""
+
+    def __init__(self, url: str, workdir: Path) -> None:
+        self.url, self.workdir = url, workdir
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, count: int) -> None:
+        for i in range(count):
+            log = self.workdir / f"instance{i}.log"
+            log.touch()
+            proc = subprocess.Popen(
+                [sys.executable, str(SERVER), self.url, f"instance{i}", str(log)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self.procs.append(proc)
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() == "READY", f"node server did not start (got {line!r})"
+
+    def processed(self) -> collections.Counter[str]:
+        """How many times each request id was processed, over every instance."""
+        counts: collections.Counter[str] = collections.Counter()
+        for log in self.workdir.glob("instance*.log"):
+            for line in log.read_text().splitlines():
+                counts[line] += 1
+        return counts
+
+    def per_instance(self, node: str) -> list[int]:
+        """Requests of `node` processed by each instance."""
+        return [
+            sum(1 for line in log.read_text().splitlines() if line.startswith(node + " "))
+            for log in sorted(self.workdir.glob("instance*.log"))
+        ]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("redis-streams", marks=pytest.mark.redis),
+        pytest.param("redis-pubsub", marks=pytest.mark.redis),
+        pytest.param("nats-core", marks=pytest.mark.nats),
+        pytest.param("nats-jetstream", marks=pytest.mark.nats),
+    ]
+)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a real broker, in each mode LoomApp can run on."""
+    kind, mode = request.param.split("-")
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        return f"{server.url}?mode={mode}"
+    server = request.getfixturevalue("nats_server")
+    return f"{server.url}?mode={mode}"
+
+
+@pytest.fixture
+def nodes(broker_url: str, tmp_path: Path) -> Iterator[NodeProcesses]:
+    """Two node-server processes serving the same nodes."""
+    procs = NodeProcesses(broker_url, tmp_path)
+    try:
+        procs.start(2)
+        yield procs
+    finally:
+        procs.stop()
+
+
+@pytest.fixture
+async def client(broker_url: str) -> AsyncIterator[Any]:
+    """The caller's LoomApp, on its own transport, closed after the test."""
+    transport = loom_transport(broker_url)
+    app = LoomApp(transport=transport)
+    app.dispatcher.add_interceptor(TimeoutInterceptor(default_timeout_sec=10.0))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await transport.close()
+
+
+async def test_echo_rpc_reaches_one_instance_per_call(client: Any, nodes: NodeProcesses) -> None:
+    """Forty app.run calls are each answered once and processed by exactly one instance."""
+    answers = await asyncio.gather(*(client.run(f"t{i}", target="node/echo") for i in range(40)))
+    assert sorted(a.split(":", 1)[1] for a in answers) == sorted(f"t{i}" for i in range(40))
+    processed = nodes.processed()
+    echo = {k: v for k, v in processed.items() if k.startswith("echo ")}
+    assert len(echo) == 40
+    assert set(echo.values()) == {1}, "a request was processed twice"
+    assert all(n > 0 for n in nodes.per_instance("echo")), "both instances should serve"
+
+
+async def test_nested_calls_and_crew(client: Any, nodes: NodeProcesses) -> None:
+    """A node calling another node, and a CrewNode chaining two remote nodes, both answer."""
+    assert await client.run("hey", target="node/shout") == "HEY!"
+    result = await client.run("go", target="node/crew")
+    assert result["final_output"] == "GO!"
+    assert [step["agent"] for step in result["trace"]] == ["upper", "shout"]
+
+
+async def test_slow_node_hits_the_dispatcher_timeout(client: Any, nodes: NodeProcesses) -> None:
+    """A node slower than the caller's timeout makes app.run raise TimeoutError, not hang."""
+    client.dispatcher.interceptors[-1].default_timeout_sec = 0.5
+    with pytest.raises(TimeoutError):
+        await client.run("zzz", target="node/slow")
+    # The rest of the system is unaffected.
+    client.dispatcher.interceptors[-1].default_timeout_sec = 10.0
+    assert (await client.run("still", target="node/echo")).endswith(":still")
+
+
+with contextlib.suppress(ImportError):  # keep collection working without the loom extra
+    import loom  # noqa: F401

@@ -33,6 +33,9 @@ NATS_SCHEMES = ("nats", "tls")
 MODES = {"redis": ("streams", "pubsub"), "nats": ("jetstream", "core"), "memory": ("memory",)}
 """Modes per broker; the first is the default (durable where the broker offers it)."""
 
+HA_INNER_PUBLISH_TIMEOUT = 5.0
+"""Seconds a wrapped backend retries one publish before HATransport's outbox takes it."""
+
 _GROUP_RULES: dict[str, GroupRule | None] = {"loom": loom_request_groups, "none": None}
 
 
@@ -112,6 +115,9 @@ def _redis(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_
     common: dict[str, Any] = {"group_rule": opts.group_rule}
     if event_class is not None:
         common["event_class"] = event_class
+    if opts.ha:
+        # HATransport takes over longer outages (outbox, replay): fail over to it quickly.
+        common["publish_timeout"] = HA_INNER_PUBLISH_TIMEOUT
     if _mode("redis", opts) == "pubsub":
         return RedisPubSubTransport(backend_url, **common)
     policy = _policy(opts)
@@ -132,6 +138,8 @@ def _nats(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_c
         common["codec"] = EventCodec(event_class)
     if _mode("nats", opts) == "core":
         return NatsCoreTransport(servers, **common)
+    if opts.ha:
+        common["publish_timeout"] = HA_INNER_PUBLISH_TIMEOUT
     policy = _policy(opts)
     if policy is not None:
         from loom_ha.nats.jetstream import ConsumerOptions

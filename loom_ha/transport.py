@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Self, TypeAlias
 
 from loom_ha._handlers import Handler
-from loom_ha.errors import NotConnectedError, TransportClosedError
+from loom_ha.errors import ConnectionLostError, NotConnectedError, TransportClosedError
 
 __all__ = [
     "Capabilities",
@@ -150,6 +150,20 @@ class Transport(ABC):
     @abstractmethod
     def statistics(self) -> TransportStatistics:
         """Current state and counters."""
+
+    async def ping(self) -> None:
+        """A round trip to the broker, to learn whether it answers.
+
+        Backends override it with a real round trip (Redis PING, a NATS flush); it
+        also makes a lazily reconnecting client reconnect. The default checks the
+        state only.
+
+        Raises:
+            ConnectionLostError: the broker does not answer (a transient error).
+        """
+        state = self.statistics().state
+        if state is not TransportState.CONNECTED:
+            raise ConnectionLostError(f"{self.statistics().backend} transport is {state.value}")
 
     async def close(self) -> None:
         """Alias of `disconnect()`: LoomApp never disconnects, so owners close."""

@@ -15,6 +15,7 @@ It wraps any transport and adds what an application needs while brokers fail:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -29,6 +30,7 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import (
     ConfigurationError,
     ConnectionLostError,
+    FailoverExhaustedError,
     TransientError,
     TransportClosedError,
 )
@@ -57,6 +59,11 @@ class _Subscription:
     topic: str
     handler: Handler
     group: str | None
+
+
+def _broker_failure(exc: BaseException) -> bool:
+    """True for errors that mean "the broker is away" rather than "this call is wrong"."""
+    return isinstance(exc, TransientError | FailoverExhaustedError)
 
 
 class _DedupHandler:
@@ -257,7 +264,7 @@ class HATransport(Transport):
                 self.published += 1
                 return
             except Exception as exc:
-                if not isinstance(exc, TransientError):
+                if not _broker_failure(exc):
                     raise
                 self._start_recovery(exc)
         await self._outbox.put(topic, event, policy=policy, timeout=timeout)
@@ -276,7 +283,7 @@ class HATransport(Transport):
             try:
                 await self._inner.subscribe(topic, self._wrapped(handler, sub), group=group)
             except Exception as exc:
-                if not isinstance(exc, TransientError):
+                if not _broker_failure(exc):
                     self._subs.remove(sub)
                     raise
                 self._start_recovery(exc)
@@ -292,7 +299,7 @@ class HATransport(Transport):
             try:
                 await self._inner.unsubscribe(topic, wrapper)
             except Exception as exc:
-                if not isinstance(exc, TransientError):
+                if not _broker_failure(exc):
                     raise
                 self._start_recovery(exc)
 
@@ -326,11 +333,25 @@ class HATransport(Transport):
         self._recovery = self._tasks.spawn(self._recover(), name="recovery")
 
     async def _recover(self) -> None:
-        await self._retry.call(self._recover_once, on_retry=self._log_retry)
+        try:
+            await self._retry.call(self._recover_once, on_retry=self._log_retry)
+        except Exception as exc:
+            # Only a finite RetryPolicy gets here: we were told to give up.
+            log.error("giving up on the broker: %s", exc)
+            self._outbox.fail_all(ConnectionLostError(f"gave up reconnecting: {exc}"))
+            self._set_state(TransportState.DISCONNECTED)
+            return
         self._set_state(TransportState.CONNECTED)
 
     async def _recover_once(self) -> None:
         """One attempt: get a live inner transport, restore subscriptions, replay the outbox."""
+        try:
+            await self._recover_steps()
+        except FailoverExhaustedError as exc:
+            # The inner transport's own retries ran out; ours go on.
+            raise ConnectionLostError(str(exc)) from exc
+
+    async def _recover_steps(self) -> None:
         state = self._inner.statistics().state
         if state in _DEAD_INNER:
             await self._rebuild_inner()
@@ -341,12 +362,17 @@ class HATransport(Transport):
     async def _await_inner_recovery(self) -> None:
         """Follow an inner transport that is reconnecting by itself, closely (every 50 ms),
         for up to `retry.wait_max`; the retry policy's backoff only paces longer outages."""
-        deadline = asyncio.get_running_loop().time() + max(self._retry.wait_max, 0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(self._retry.wait_max, 0.05)
         while True:
+            with contextlib.suppress(Exception):
+                # A round trip makes a lazily reconnecting client try now.
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await self._inner.ping()
             state = self._inner.statistics().state
             if state is TransportState.CONNECTED:
                 return
-            if state in _DEAD_INNER or asyncio.get_running_loop().time() >= deadline:
+            if state in _DEAD_INNER or loop.time() >= deadline:
                 raise ConnectionLostError(f"inner transport is {state.value}")
             await asyncio.sleep(0.05)
 
@@ -363,7 +389,10 @@ class HATransport(Transport):
             raise
 
     async def _send_replay(self, topic: str, event: Any) -> None:
-        await self._inner.publish(topic, event)
+        try:
+            await self._inner.publish(topic, event)
+        except FailoverExhaustedError as exc:
+            raise ConnectionLostError(str(exc)) from exc  # the broker, not this event
         self.published += 1
 
     async def _watch_inner(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loom_ha.errors import ConfigurationError, ConnectionLostError, PublishError
+from loom_ha.errors import ConfigurationError, ConnectionLostError, PublishError, TransientError
 
 
 class OutboxPolicy(enum.Enum):
@@ -63,9 +63,10 @@ class Outbox:
     def __init__(self, config: OutboxConfig) -> None:
         self.config = config
         self._entries: deque[_Entry] = deque()
-        self._space = asyncio.Condition()
+        self._space_waiters: deque[asyncio.Future[None]] = deque()
         self.dropped = 0
         self.replayed = 0
+        self.failed = 0
 
     @property
     def depth(self) -> int:
@@ -106,9 +107,15 @@ class Outbox:
         assert entry.sent is not None
         try:
             async with asyncio.timeout(timeout):
-                async with self._space:
-                    await self._space.wait_for(lambda: len(self._entries) < self.config.max_size)
-                    self._entries.append(entry)
+                while len(self._entries) >= self.config.max_size:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._space_waiters.append(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        with contextlib.suppress(ValueError):
+                            self._space_waiters.remove(waiter)
+                self._entries.append(entry)
                 await asyncio.shield(entry.sent)
         except TimeoutError:
             self._discard(entry)
@@ -128,19 +135,42 @@ class Outbox:
     async def drain(self, send: Send) -> None:
         """Send queued events in order; on failure the unsent ones stay, in order.
 
+        An event that fails for a non-transient reason (it cannot be encoded, say) is
+        taken out and its publisher gets the error; the others go on.
+
         Raises:
-            Exception: whatever `send` raised for the head entry (it stays queued).
+            TransientError: the broker failed again; the head entry stays queued.
         """
         while self._entries:
             entry = self._entries[0]
-            await send(entry.topic, entry.event)
-            if self._entries and self._entries[0] is entry:
-                self._entries.popleft()
+            try:
+                await send(entry.topic, entry.event)
+            except Exception as exc:
+                if isinstance(exc, TransientError):
+                    raise
+                # This event can never be sent (it is not the broker's fault): give its
+                # publisher the error and go on with the others.
+                self._finish(entry, exc)
+                self.failed += 1
+                continue
+            self._finish(entry, None)
             self.replayed += 1
-            if entry.sent is not None and not entry.sent.done():
+
+    def _finish(self, entry: _Entry, error: Exception | None) -> None:
+        if self._entries and self._entries[0] is entry:
+            self._entries.popleft()
+        if entry.sent is not None and not entry.sent.done():
+            if error is None:
                 entry.sent.set_result(None)
-            async with self._space:
-                self._space.notify()
+            else:
+                entry.sent.set_exception(error)
+        self._notify_space()
+
+    def _notify_space(self) -> None:
+        """Wake one BLOCK publisher waiting for room (without awaiting the lock)."""
+        waiter = self._space_waiters.popleft() if self._space_waiters else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def fail_all(self, error: Exception) -> None:
         """Fail every waiting publisher (the transport is closing); the outbox empties."""

@@ -1,0 +1,28 @@
+"""NATS backends: core NATS (at-most-once) and JetStream (at-least-once).
+
+Needs the ``nats-py`` client: ``pip install 'loom-ha[nats]'``.
+"""
+
+from __future__ import annotations
+
+try:
+    import nats as _nats  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("loom_ha.nats needs the nats-py client: pip install 'loom-ha[nats]'") from exc
+
+from loom_ha.nats.connection import ConnectionOptions, NatsOptions, StateListener
+from loom_ha.nats.core import NatsCoreTransport, NatsTransport
+from loom_ha.nats.jetstream import ConsumerOptions, JetStreamTransport, StreamOptions
+from loom_ha.nats.subjects import SubjectCodec
+
+__all__ = [
+    "ConnectionOptions",
+    "ConsumerOptions",
+    "JetStreamTransport",
+    "NatsCoreTransport",
+    "NatsOptions",
+    "NatsTransport",
+    "StateListener",
+    "StreamOptions",
+    "SubjectCodec",
+]

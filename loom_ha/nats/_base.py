@@ -1,0 +1,201 @@
+"""What both NATS delivery modes share: lifecycle, state, statistics and dead letters.
+
+A subclass adds the broker side of one delivery mode (native subscriptions or
+JetStream consumers); this class owns the connection and `connect()`/`disconnect()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from typing_extensions import Unpack, override
+
+from loom_ha._delivery import LocalDelivery
+from loom_ha.deadletter import DeadLetter
+from loom_ha.errors import TransportClosedError
+from loom_ha.event import CloudEvent, EventCodec, loom_event_class
+from loom_ha.nats.connection import (
+    DEFAULT_SERVERS,
+    ConnectionOptions,
+    NatsConnection,
+    NatsOptions,
+    StateListener,
+)
+from loom_ha.nats.subjects import DEFAULT_DEAD_LETTER_PREFIX, DEFAULT_PREFIX, SubjectCodec
+from loom_ha.transport import (
+    GroupRule,
+    Transport,
+    TransportState,
+    TransportStatistics,
+    loom_request_groups,
+    require_connected,
+)
+
+log = logging.getLogger("loom_ha.nats")
+_LETTERS: EventCodec[CloudEvent] = EventCodec(
+    max_size=1 << 30
+)  # dead letters are bounded by max_payload instead
+
+
+class NatsTransportBase(Transport):
+    """Connection lifecycle shared by `NatsCoreTransport` and `JetStreamTransport`."""
+
+    backend_name = "nats"
+
+    def __init__(
+        self,
+        servers: Sequence[str] | str = DEFAULT_SERVERS,
+        *,
+        subject_prefix: str = DEFAULT_PREFIX,
+        dead_letter_prefix: str = DEFAULT_DEAD_LETTER_PREFIX,
+        codec: EventCodec[Any] | None = None,
+        group_rule: GroupRule | None = loom_request_groups,
+        **connection: Unpack[ConnectionOptions],
+    ) -> None:
+        self.options = NatsOptions.build(servers, **connection)
+        self.subjects = SubjectCodec(subject_prefix, dead_letter_prefix)
+        self.codec: EventCodec[Any] = codec or EventCodec(loom_event_class())
+        self._conn = NatsConnection(self.options, self.backend_name)
+        self._local = LocalDelivery(f"loom_ha.{self.backend_name}", group_rule)
+        self._lock = asyncio.Lock()
+        self._forget_native()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @override
+    async def connect(self) -> None:
+        """Connect (idempotent and cheap once connected or reconnecting).
+
+        Raises:
+            ConnectionLostError: no server could be reached within `connect_timeout`.
+            ConfigurationError: credentials or TLS were rejected.
+            TransportClosedError: the client gave up reconnecting (`max_reconnect_attempts`).
+        """
+        if self._conn.state in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            return
+        async with self._lock:
+            state = self._conn.state
+            if state in (TransportState.CONNECTED, TransportState.RECONNECTING):
+                return
+            if state is TransportState.CLOSED:
+                raise TransportClosedError(
+                    f"{self.backend_name}: gave up reconnecting; create a new transport"
+                )
+            self._local.reopen()
+            await self._conn.open()
+            try:
+                await self._after_connect()
+            except BaseException:
+                await self._shutdown()
+                raise
+
+    @override
+    async def disconnect(self) -> None:
+        """Stop every consumer, drop every subscription and close the socket.
+
+        Idempotent; finishes (and leaves no task or socket) even when cancelled.
+        """
+        if self._conn.state in (TransportState.NEW, TransportState.DISCONNECTED):
+            return
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        cancelled = False
+        try:
+            await self._before_close()
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            log.exception("%s: error while stopping consumers", self.backend_name)
+        try:
+            await self._local.close()
+        except asyncio.CancelledError:
+            cancelled = True
+        try:
+            await self._conn.close()
+        except asyncio.CancelledError:
+            cancelled = True
+        self._forget_native()
+        self._conn.mark(TransportState.DISCONNECTED)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _after_connect(self) -> None:
+        """Hook: broker-side setup once connected (streams)."""
+
+    async def _before_close(self) -> None:
+        """Hook: stop broker-side consumers while the connection is still up."""
+
+    @abstractmethod
+    def _forget_native(self) -> None:
+        """Drop references to native subscriptions (the connection is gone)."""
+
+    # -- shared helpers ----------------------------------------------------------
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener(state)` on every state change (connecting, connected,
+        reconnecting, disconnected, closed); returns a function that removes it."""
+        return self._conn.add_state_listener(listener)
+
+    @property
+    def state(self) -> TransportState:
+        """The current state (also in `statistics()`)."""
+        return self._conn.state
+
+    def _check_can_send(self) -> None:
+        """Publishing is allowed while reconnecting (buffered or retried), not otherwise."""
+        state = self._conn.state
+        if state is not TransportState.RECONNECTING:
+            require_connected(state, self.backend_name)
+
+    def _dead_letter_event(
+        self, reason: str, topic: str, origin: str, attempts: int, raw: bytes
+    ) -> tuple[str, bytes]:
+        """Subject and payload of a dead letter; the original is cut to fit max_payload."""
+        limit = self._conn.client.max_payload
+        room = max(0, (limit - 2048 - 2 * len(reason) - 4 * len(topic)) * 3 // 4)
+        if len(raw) > room:
+            reason, raw = f"{reason} (original cut from {len(raw)} to {room} bytes)", raw[:room]
+        letter = DeadLetter(reason=reason, topic=topic, origin=origin, attempts=attempts, raw=raw)
+        return self.subjects.dead_letter_subject(topic), _LETTERS.encode(letter.to_event())
+
+    def _topic_of(self, subject: str) -> str:
+        """The Loom topic of `subject`; the raw subject when it is not ours (dead letters)."""
+        try:
+            return self.subjects.topic(subject)
+        except ValueError:
+            return subject
+
+    @override
+    def statistics(self) -> TransportStatistics:
+        local, conn = self._local, self._conn
+        c = local.counters
+        return TransportStatistics(
+            backend=self.backend_name,
+            state=conn.state,
+            endpoint=conn.endpoint,
+            subscriptions=len(local.table.keys()),
+            handlers=local.table.handler_count,
+            queued=local.queued(),
+            published=c.published,
+            delivered=c.delivered,
+            handler_errors=c.handler_errors,
+            filtered=c.filtered,
+            malformed=c.malformed,
+            dead_lettered=c.dead_lettered,
+            redelivered=c.redelivered,
+            reconnects=conn.reconnects,
+            extra={
+                "servers": list(self.options.servers),
+                "last_error": conn.last_error,
+                "reconnect_attempts": conn.reconnect_attempts,
+            }
+            | self._extra_statistics(),
+        )
+
+    def _extra_statistics(self) -> dict[str, Any]:
+        return {}

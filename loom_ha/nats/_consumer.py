@@ -1,0 +1,309 @@
+"""PullConsumer: one JetStream consumer feeding one subscription key, kept alive through failures.
+
+It keeps pull requests outstanding (re-issued when they run low, after every
+reconnect and when heartbeats stop: nats.py #504), recreates a deleted consumer,
+runs the handlers, and acks only after they succeeded (nak with backoff, then a
+dead letter once the delivery budget is spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from loom_ha._handlers import Handler, SubscriptionKey, invoke
+from loom_ha.errors import LoomHAError, SerializationError, TransportError
+from loom_ha.nats._errors import map_nats_errors
+from loom_ha.retry import RetryPolicy
+from loom_ha.transport import TransportState
+
+if TYPE_CHECKING:
+    from loom_ha.nats.jetstream import JetStreamTransport
+
+log = logging.getLogger("loom_ha.nats.jetstream")
+
+_WAKE = object()  # queued on reconnect: pull requests died with the old connection
+_HEARTBEAT = "100"
+_FOREVER = RetryPolicy(wait_initial=0.1, wait_max=2.0, wait_jitter=0.2)
+
+
+class _Recording:
+    """Wraps a handler to keep its exception text for the dead letter."""
+
+    __slots__ = ("error", "handler")
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.error = ""
+
+    async def __call__(self, event: Any) -> None:
+        try:
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def __repr__(self) -> str:
+        return repr(self.handler)
+
+
+class PullConsumer:
+    """The broker side of one subscription key of a `JetStreamTransport`."""
+
+    def __init__(self, owner: JetStreamTransport, key: SubscriptionKey, name: str) -> None:
+        self.owner = owner
+        self.key = key
+        self.name = name
+        self.last_sequence: int | None = None  # last stream sequence seen: resume point
+        self.pulls = 0
+        self.recreated = 0
+        self.skipped_duplicates = 0
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._done: OrderedDict[str, set[int]] = OrderedDict()
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._remove_listener = owner.add_state_listener(self._on_state)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, retry: RetryPolicy) -> None:
+        """Create (or join) the consumer and start pulling; the consumer exists on return."""
+        await retry.call(lambda: self._ensure(recreate=False))
+        client = self.owner.connection.client
+        self._inbox = client.new_inbox()
+        queue = self._queue
+
+        async def on_message(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        with map_nats_errors(what=f"consumer {self.name}"):
+            self._sub = await client.subscribe(self._inbox, cb=on_message)
+        self._task = self.owner.tasks.spawn(self._run(), name=f"consumer:{self.name}")
+
+    async def stop(self, *, delete: bool) -> None:
+        """Stop pulling; with `delete`, remove the consumer from the server (best effort)."""
+        self._stopped = True
+        self._remove_listener()
+        task, self._task = self._task, None
+        if task is not None:
+            await self.owner.tasks.cancel(task)
+        sub, self._sub = self._sub, None
+        if self.owner.connection.state is not TransportState.CONNECTED:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                if sub is not None:
+                    with map_nats_errors(what="unsubscribe"):
+                        await sub.unsubscribe()
+                if delete:
+                    with map_nats_errors(what=f"delete consumer {self.name}"):
+                        await self.owner.js.delete_consumer(self.owner.stream.name, self.name)
+        except (LoomHAError, TimeoutError) as exc:
+            log.debug("consumer %s: cleanup: %s", self.name, exc)
+
+    def _on_state(self, state: TransportState) -> None:
+        if state is TransportState.CONNECTED:
+            self._queue.put_nowait(_WAKE)
+
+    async def _ensure(self, *, recreate: bool) -> None:
+        """Create the consumer if missing; a recreated one resumes after the last event seen."""
+        owner = self.owner
+        start = self.last_sequence + 1 if recreate and self.last_sequence is not None else None
+        config = owner.consumer_config(self.key, self.name, start)
+        with map_nats_errors(what=f"create consumer {self.name}"):
+            try:
+                await owner.js.add_consumer(owner.stream.name, config)
+            except nats.js.errors.BadRequestError:
+                # Exists with another config (another group member, or older options): join it.
+                await owner.js.consumer_info(owner.stream.name, self.name)
+        if recreate:
+            self.recreated += 1
+            log.warning("consumer %s was gone: recreated", self.name)
+
+    # -- the pull loop -------------------------------------------------------------
+
+    async def _pull(self, batch: int) -> None:
+        owner = self.owner
+        o = owner.consumer_options
+        request = {
+            "batch": batch,
+            "expires": int(o.pull_expires * 1e9),
+            "idle_heartbeat": int(o.heartbeat * 1e9),
+        }
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{owner.stream.name}.{self.name}"
+        with map_nats_errors(what="pull"):
+            await owner.connection.client.publish(
+                subject, json.dumps(request).encode(), reply=self._inbox
+            )
+        self.pulls += 1
+
+    async def _run(self) -> None:
+        o = self.owner.consumer_options
+        conn = self.owner.connection
+        batch = o.batch
+        idle = max(3 * o.heartbeat, o.heartbeat + 1.0)
+        outstanding = 0
+        generation = conn.generation
+        queue = self._queue
+        while not self._stopped:
+            if conn.state is not TransportState.CONNECTED:
+                await conn.wait_connected()
+            if conn.generation != generation:
+                generation, outstanding = conn.generation, 0  # pulls died with the old socket
+            if outstanding <= batch // 2:
+                try:
+                    await self._pull(batch)
+                    outstanding += batch
+                except LoomHAError as exc:
+                    log.debug("consumer %s: pull failed: %s", self.name, exc)
+                    await asyncio.sleep(0.1)  # reconnecting: the state wait above takes over
+                    continue
+            try:
+                if queue.empty():
+                    async with asyncio.timeout(idle):
+                        msg = await queue.get()
+                else:
+                    msg = queue.get_nowait()
+            except TimeoutError:
+                # No message and no heartbeat: the pull or the consumer is gone (nats.py #504).
+                outstanding = 0
+                await self._check_alive()
+                continue
+            if msg is _WAKE:
+                outstanding = 0
+                continue
+            headers = msg.headers
+            status = headers.get("Status") if headers else None
+            if status is None:
+                outstanding -= 1
+                try:
+                    await self._process(msg)
+                except Exception:  # a bug of ours must not end the subscription
+                    log.exception("consumer %s: message not processed", self.name)
+                    await _settle(msg.nak(delay=o.policy.backoff_max))
+            elif status != _HEARTBEAT:
+                outstanding = await self._on_status(status, headers or {}, outstanding)
+
+    async def _on_status(self, status: str, headers: dict[str, str], outstanding: int) -> int:
+        """Account for an ended or refused pull request; returns the new outstanding count."""
+        description = headers.get("Description", "")
+        if status in ("408", "409") and "Nats-Pending-Messages" in headers:
+            outstanding = max(0, outstanding - int(headers["Nats-Pending-Messages"]))
+        else:
+            outstanding = 0
+        if status == "409" and "deleted" in description.lower():
+            await _FOREVER.call(lambda: self._ensure(recreate=True))
+            return 0
+        if status not in ("404", "408", "409"):
+            log.warning("consumer %s: pull status %s %s", self.name, status, description)
+            await asyncio.sleep(0.5)
+        return outstanding
+
+    async def _check_alive(self) -> None:
+        """After silence: make sure the consumer still exists (recreate it if not)."""
+        owner = self.owner
+        if owner.connection.state is not TransportState.CONNECTED:
+            return
+        try:
+            with map_nats_errors(what="consumer info"):
+                try:
+                    await owner.js.consumer_info(owner.stream.name, self.name, timeout=2.0)
+                except nats.js.errors.NotFoundError:
+                    await self._ensure(recreate=True)
+        except LoomHAError as exc:
+            log.debug("consumer %s: health check: %s", self.name, exc)
+
+    # -- one message -----------------------------------------------------------------
+
+    async def _process(self, msg: Msg) -> None:
+        owner, key = self.owner, self.key
+        counters = owner.counters
+        try:
+            meta = msg.metadata
+        except Exception:  # not a JetStream delivery (no ack reply): nothing to do
+            return
+        self.last_sequence = meta.sequence.stream
+        deliveries = meta.num_delivered
+        if deliveries > 1:
+            counters.redelivered += 1
+        try:
+            topic = owner.subjects.topic(msg.subject)
+            event = owner.codec.decode(msg.data)
+        except (SerializationError, ValueError) as exc:
+            counters.malformed += 1
+            reason = exc.reason if isinstance(exc, SerializationError) else str(exc)
+            log.warning("consumer %s: malformed message: %s", self.name, reason)
+            await self._dead_letter(msg, reason, owner.topic_of(msg.subject), 0)
+            return
+        if not key.pattern.matches(topic):
+            counters.filtered += 1
+            await _settle(msg.ack())
+            return
+        recipients = owner.table.recipients(key, topic)
+        if not recipients:
+            # A group member without handlers (unsubscribing): let another member take it.
+            await _settle(msg.nak() if key.group is not None else msg.ack())
+            return
+        ident = f"{event.source}\0{event.id}"
+        done = self._done.get(ident)
+        if done is None:
+            done = self._remember(ident)
+        if key.group is not None:
+            todo = [] if done else recipients
+        else:
+            todo = [h for h in recipients if id(h) not in done]
+        if not todo:
+            self.skipped_duplicates += 1  # handled before; its ack was lost
+            await _settle(msg.ack())
+            return
+        failures = []
+        for handler in todo:
+            recording = _Recording(handler)
+            if await invoke(recording, topic, event, counters):
+                done.add(id(handler))
+            else:
+                failures.append(recording.error)
+        if not failures:
+            await _settle(msg.ack())
+        elif owner.consumer_options.policy.exhausted(deliveries):
+            await self._dead_letter(msg, "; ".join(failures), topic, deliveries)
+        else:
+            await _settle(msg.nak(delay=owner.consumer_options.policy.backoff(deliveries)))
+
+    def _remember(self, ident: str) -> set[int]:
+        done: set[int] = set()
+        self._done[ident] = done
+        if len(self._done) > self.owner.consumer_options.dedup_window:
+            self._done.popitem(last=False)
+        return done
+
+    async def _dead_letter(self, msg: Msg, reason: str, topic: str, attempts: int) -> None:
+        """Publish a dead letter, then ack; if that fails, nak so it is tried again later."""
+        owner = self.owner
+        origin = f"{owner.backend_name}:{owner.stream.name}:{self.name}"
+        msg_id = f"dlq:{self.name}:{msg.metadata.sequence.stream}"
+        if await owner.dead_letter(reason, topic, origin, attempts, msg.data, msg_id):
+            await _settle(msg.ack())
+        else:
+            await _settle(msg.nak(delay=owner.consumer_options.policy.backoff_max))
+
+
+async def _settle(ack: Any) -> None:
+    """Send an ack/nak; if the connection is gone the broker redelivers (deduplicated)."""
+    try:
+        with map_nats_errors(what="ack"):
+            await ack
+    except TransportError as exc:
+        log.debug("ack not sent: %s", exc)

@@ -1,0 +1,95 @@
+"""map_nats_errors(): the one place nats-py exceptions become loom-ha errors.
+
+Lost connections, timeouts and cluster elections (no responders, 503) become the
+transient `ConnectionLostError`, which retry logic may retry; bad credentials and
+subjects become `ConfigurationError`; everything else a `TransportError` (or a
+`PublishError` when a topic is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import nats.errors
+import nats.js.errors
+
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    LoomHAError,
+    PublishError,
+    TransportError,
+)
+
+# Most specific first: the first matching entry decides.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,  # request/flush/fetch/drain timeouts
+    nats.js.errors.NoStreamResponseError,  # stream leader election in progress
+    nats.js.errors.ServiceUnavailableError,  # JetStream temporarily unavailable (503)
+    nats.js.errors.TooManyStalledMsgsError,
+    nats.errors.ProtocolError,
+    nats.errors.UnexpectedEOF,
+    OSError,
+    asyncio.TimeoutError,
+)
+_CONFIGURATION: tuple[type[BaseException], ...] = (
+    nats.errors.AuthorizationError,
+    nats.errors.InvalidUserCredentialsError,
+    nats.errors.SecureConnRequiredError,
+    nats.errors.SecureConnWantedError,
+    nats.errors.SecureConnFailedError,
+    nats.errors.BadSubjectError,
+    nats.errors.BadTimeoutError,
+    nats.errors.InvalidCallbackTypeError,
+    nats.errors.BadHeaderError,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc) or getattr(exc, "description", None) or ""
+    except Exception:  # some nats-py errors format attributes they may lack
+        text = getattr(exc, "description", None) or ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def map_nats_errors(
+    *, topic: str | None = None, event_id: str | None = None, what: str = "nats"
+) -> Iterator[None]:
+    """Translate nats-py errors raised inside the block (``raise ... from exc``).
+
+    Args:
+        topic: set when publishing: non-transient failures become `PublishError`.
+        event_id: the event being published, for `PublishError`.
+        what: names the operation in messages.
+
+    Raises:
+        ConnectionLostError: the connection or the cluster is (temporarily) unavailable.
+        ConfigurationError: credentials, TLS or a subject were rejected.
+        PublishError: the broker refused a publish (e.g. payload too large).
+        TransportError: any other nats-py error.
+    """
+    try:
+        yield
+    except LoomHAError:
+        raise
+    except _TRANSIENT as exc:
+        raise ConnectionLostError(f"{what}: {_describe(exc)}") from exc
+    except _CONFIGURATION as exc:
+        raise ConfigurationError(
+            f"{what}: {_describe(exc)} (check servers, user/password/token and TLS options)"
+        ) from exc
+    except nats.errors.Error as exc:
+        if topic is not None:
+            raise PublishError(f"{what}: {_describe(exc)}", topic=topic, event_id=event_id) from exc
+        raise TransportError(f"{what}: {_describe(exc)}") from exc

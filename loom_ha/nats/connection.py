@@ -1,0 +1,305 @@
+"""The one nats-py connection of a transport: validated options, state, reconnect signals.
+
+Both delivery modes share it. It never gives up reconnecting unless told
+(`max_reconnect_attempts`), and it reports every state change to listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+from urllib.parse import urlsplit
+
+from nats.aio.client import Client
+
+from loom_ha.errors import ConfigurationError, TransportClosedError
+from loom_ha.nats._errors import map_nats_errors
+from loom_ha.transport import TransportState
+
+__all__ = [
+    "DEFAULT_SERVERS",
+    "ConnectionOptions",
+    "NatsConnection",
+    "NatsOptions",
+    "StateListener",
+]
+
+log = logging.getLogger("loom_ha.nats")
+
+StateListener = Callable[[TransportState], None]
+"""Told every new state of the connection (called in the event loop; must not block)."""
+
+DEFAULT_SERVERS: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+_SCHEMES = ("nats", "tls")
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """Keyword options every NATS transport accepts (see `NatsOptions`)."""
+
+    user: str
+    password: str
+    token: str
+    tls: ssl.SSLContext
+    tls_ca_file: str
+    tls_hostname: str
+    name: str
+    connect_timeout: float
+    reconnect_wait: float
+    max_reconnect_attempts: int | None
+    ping_interval: float
+    max_outstanding_pings: int
+    reconnect_buffer: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsOptions:
+    """Validated connection options.
+
+    Attributes:
+        servers: ``nats://`` or ``tls://`` URLs (credentials in the URL are allowed).
+        user, password: user/password authentication; token: token authentication.
+        tls: client `SSLContext`; tls_ca_file: a CA file to trust instead (builds one).
+        tls_hostname: the name to verify the server certificate against.
+        name: connection name shown by the server's monitoring.
+        connect_timeout: bound of the first `connect()`, seconds.
+        reconnect_wait: pause before retrying a server that just failed, seconds.
+        max_reconnect_attempts: per server; None (default) never gives up.
+        ping_interval, max_outstanding_pings: detect a dead peer after about
+            ``ping_interval * max_outstanding_pings`` seconds of silence.
+        reconnect_buffer: bytes of publishes kept while reconnecting.
+    """
+
+    servers: tuple[str, ...] = DEFAULT_SERVERS
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls: ssl.SSLContext | None = None
+    tls_ca_file: str | None = None
+    tls_hostname: str | None = None
+    name: str = "loom-ha"
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 1.0
+    max_reconnect_attempts: int | None = None
+    ping_interval: float = 10.0
+    max_outstanding_pings: int = 3
+    reconnect_buffer: int = 8 * 1024 * 1024
+
+    @classmethod
+    def build(cls, servers: Sequence[str] | str, **options: object) -> NatsOptions:
+        """Validate `servers` and `options`.
+
+        Raises:
+            ConfigurationError: naming the bad URL, URL part or option.
+        """
+        urls = (servers,) if isinstance(servers, str) else tuple(servers)
+        if not urls:
+            raise ConfigurationError("servers: give at least one nats:// URL")
+        for url in urls:
+            _check_url(url)
+        unknown = set(options) - set(ConnectionOptions.__annotations__)
+        if unknown:
+            raise ConfigurationError(f"unknown NATS option(s): {', '.join(sorted(unknown))}")
+        made = cls(servers=urls, **options)  # type: ignore[arg-type]
+        made._check()
+        return made
+
+    def _check(self) -> None:
+        if (self.user is None) != (self.password is None):
+            raise ConfigurationError("user and password: give both or neither")
+        if self.token is not None and self.user is not None:
+            raise ConfigurationError("token: use either user/password or a token, not both")
+        for name in ("connect_timeout", "reconnect_wait", "ping_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+        attempts = self.max_reconnect_attempts
+        if attempts is not None and (not isinstance(attempts, int) or attempts < 1):
+            raise ConfigurationError(
+                f"max_reconnect_attempts must be None (never give up) or >= 1, got {attempts!r}"
+            )
+        if self.max_outstanding_pings < 1 or self.reconnect_buffer < 0:
+            raise ConfigurationError("max_outstanding_pings must be >= 1, reconnect_buffer >= 0")
+        if self.tls is not None and self.tls_ca_file is not None:
+            raise ConfigurationError("tls and tls_ca_file: give one of them")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context (from `tls`, `tls_ca_file`, or None)."""
+        if self.tls is not None:
+            return self.tls
+        if self.tls_ca_file is not None:
+            try:
+                return ssl.create_default_context(cafile=self.tls_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(f"tls_ca_file {self.tls_ca_file!r}: {exc}") from exc
+        return None
+
+
+def _check_url(url: object) -> None:
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"servers: {url!r} is not a URL string")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"server URL {url!r}: bad port ({exc})") from exc
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"server URL {url!r}: scheme {parts.scheme!r} is not one of {', '.join(_SCHEMES)}"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"server URL {url!r}: no host")
+    if port == 0:
+        raise ConfigurationError(f"server URL {url!r}: port 0")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigurationError(f"server URL {url!r}: unexpected path, query or fragment")
+
+
+class NatsConnection:
+    """One nats-py client: opened once, reconnects forever by default, reports its state."""
+
+    def __init__(self, options: NatsOptions, backend: str) -> None:
+        self.options = options
+        self.backend = backend
+        self.state = TransportState.NEW
+        self.reconnects = 0
+        self.generation = 0  # bumps on every reconnect: outstanding pulls must be re-issued
+        self.last_error: str | None = None
+        self.reconnect_attempts = 0  # failed attempts while reconnecting
+        self._client: Client | None = None
+        self._listeners: list[StateListener] = []
+        self._connected = asyncio.Event()
+        self._closing = False
+
+    @property
+    def client(self) -> Client:
+        """The nats-py client (only while open)."""
+        if self._client is None:
+            raise TransportClosedError(f"{self.backend}: no connection")
+        return self._client
+
+    @property
+    def endpoint(self) -> str | None:
+        """URL (without credentials) of the server currently connected to."""
+        client = self._client
+        url = client.connected_url if client is not None else None
+        if url is None:
+            return None
+        return f"{url.scheme}://{url.hostname}:{url.port}"
+
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener` on every state change; returns a function that removes it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def _set_state(self, state: TransportState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if state is TransportState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                log.exception("%s: state listener %r failed", self.backend, listener)
+
+    async def wait_connected(self) -> None:
+        """Return once connected (at once if connected now)."""
+        await self._connected.wait()
+
+    async def open(self) -> None:
+        """Connect to the first reachable server within `connect_timeout`.
+
+        Raises:
+            ConnectionLostError: no server reachable in time.
+            ConfigurationError: credentials or TLS were rejected.
+        """
+        o = self.options
+        self._closing = False
+        self._set_state(TransportState.CONNECTING)
+        client = Client()
+        self._client = client
+        attempts = o.max_reconnect_attempts
+        try:
+            with map_nats_errors(what=f"{self.backend}: connecting to {', '.join(o.servers)}"):
+                async with asyncio.timeout(o.connect_timeout):
+                    await client.connect(
+                        list(o.servers),
+                        name=o.name,
+                        user=o.user,
+                        password=o.password,
+                        token=o.token,
+                        tls=o.ssl_context(),
+                        tls_hostname=o.tls_hostname,
+                        connect_timeout=min(2.0, o.connect_timeout),  # type: ignore[arg-type]
+                        reconnect_time_wait=o.reconnect_wait,  # type: ignore[arg-type]
+                        # nats-py gives up after 60 attempts by default (#735); -1 never does.
+                        max_reconnect_attempts=-1 if attempts is None else attempts,
+                        ping_interval=o.ping_interval,  # type: ignore[arg-type]
+                        max_outstanding_pings=o.max_outstanding_pings,
+                        pending_size=o.reconnect_buffer,
+                        error_cb=self._on_error,
+                        disconnected_cb=self._on_disconnected,
+                        reconnected_cb=self._on_reconnected,
+                        closed_cb=self._on_closed,
+                    )
+        except BaseException:
+            await self.close()
+            self._set_state(TransportState.DISCONNECTED)
+            raise
+        self._set_state(TransportState.CONNECTED)
+
+    async def close(self) -> None:
+        """Close the socket and every nats-py task; finishes even when cancelled."""
+        client, self._client = self._client, None
+        self._closing = True
+        if client is None:
+            return
+        cancelled = False
+        closing = asyncio.ensure_future(client.close())
+        while not closing.done():
+            try:
+                await asyncio.wait({closing})
+            except asyncio.CancelledError:
+                cancelled = True  # keep waiting: a half-closed client leaks a socket
+        if not closing.cancelled() and closing.exception() is not None:
+            log.debug("%s: close: %r", self.backend, closing.exception())
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def mark(self, state: TransportState) -> None:
+        """Set the state from the owning transport (e.g. DISCONNECTED after close)."""
+        self._set_state(state)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.state is TransportState.RECONNECTING:
+            self.reconnect_attempts += 1
+        log.debug("%s: %s", self.backend, self.last_error)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("%s: connection lost, reconnecting", self.backend)
+            self._set_state(TransportState.RECONNECTING)
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        self.generation += 1
+        log.warning("%s: reconnected to %s", self.backend, self.endpoint)
+        self._set_state(TransportState.CONNECTED)
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            log.error("%s: gave up reconnecting (max_reconnect_attempts)", self.backend)
+            self._set_state(TransportState.CLOSED)

@@ -1,0 +1,456 @@
+"""JetStreamTransport: at-least-once delivery through a JetStream stream and pull consumers.
+
+Publishes wait for the stream's ack (deduplicated by ``Nats-Msg-Id`` = event id);
+each subscription key is one consumer: a shared durable per group, a private one
+per fan-out subscription (new events only). Dead letters go to their own stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.client import JetStreamContext
+from typing_extensions import Unpack, override
+
+from loom_ha._handlers import DeliveryCounters, Handler, HandlerTable, SubscriptionKey
+from loom_ha._tasks import TaskSupervisor
+from loom_ha.errors import ConfigurationError, ConnectionLostError, LoomHAError
+from loom_ha.event import EventCodec
+from loom_ha.nats._base import NatsTransportBase
+from loom_ha.nats._consumer import PullConsumer
+from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats.connection import DEFAULT_SERVERS, ConnectionOptions, NatsConnection
+from loom_ha.nats.subjects import (
+    DEFAULT_DEAD_LETTER_PREFIX,
+    DEFAULT_PREFIX,
+    digest,
+    safe_name,
+)
+from loom_ha.policy import DeliveryPolicy
+from loom_ha.retry import RetryPolicy
+from loom_ha.topics import validate_topic
+from loom_ha.transport import Capabilities, GroupRule, loom_request_groups, require_connected
+
+__all__ = ["ConsumerOptions", "JetStreamTransport", "StreamOptions"]
+
+log = logging.getLogger("loom_ha.nats.jetstream")
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+MSG_ID = "Nats-Msg-Id"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    """The stream events are kept in, and the dead-letter stream.
+
+    Attributes:
+        name: stream name; it captures ``<subject_prefix>.>``.
+        replicas: copies; None picks 3 when connected to a cluster of 3+ servers, else 1.
+        max_age, max_msgs, max_bytes: retention limits (None: unlimited).
+        duplicate_window: seconds during which a re-published event id is dropped.
+        storage: ``file`` (survives restarts) or ``memory``.
+        dead_letter_stream: name of the stream capturing ``<dead_letter_prefix>.>``.
+        dead_letter_max_age: how long dead letters are kept (None: forever).
+        manage: create/update both streams on connect (else they must exist).
+    """
+
+    name: str = "LOOM"
+    replicas: int | None = None
+    max_age: float | None = None
+    max_msgs: int | None = None
+    max_bytes: int | None = None
+    duplicate_window: float = 120.0
+    storage: Literal["file", "memory"] = "file"
+    dead_letter_stream: str = "LOOM_DLQ"
+    dead_letter_max_age: float | None = 14 * 24 * 3600.0
+    manage: bool = True
+
+    def __post_init__(self) -> None:
+        for attr in ("name", "dead_letter_stream"):
+            if not _NAME.fullmatch(getattr(self, attr)):
+                raise ConfigurationError(
+                    f"stream {attr} {getattr(self, attr)!r}: use [A-Za-z0-9_-]"
+                )
+        if self.name == self.dead_letter_stream:
+            raise ConfigurationError("stream name and dead_letter_stream must differ")
+        if self.replicas is not None and not 1 <= self.replicas <= 5:
+            raise ConfigurationError(f"stream replicas must be 1..5, got {self.replicas}")
+        if self.duplicate_window <= 0:
+            raise ConfigurationError("stream duplicate_window must be > 0 seconds")
+        for attr in ("max_age", "max_msgs", "max_bytes", "dead_letter_max_age"):
+            value = getattr(self, attr)
+            if value is not None and value <= 0:
+                raise ConfigurationError(f"stream {attr} must be > 0 or None, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerOptions:
+    """How consumers deliver, redeliver and watch their pulls.
+
+    Attributes:
+        policy: attempts in total and the nak backoff between them.
+        ack_wait: seconds before an unacked delivery goes to another member (handler
+            crashed, process died): keep it above your slowest handler.
+        batch: messages requested per pull.
+        heartbeat: idle heartbeat of pulls; ~3 missed ones re-issue the pull.
+        pull_expires: lifetime of one pull request, seconds.
+        max_ack_pending: unacked deliveries per consumer before the server pauses it.
+        start: ``new`` (default: no history replay) or ``all`` (replay the stream).
+        fanout_inactive_threshold: a fan-out consumer left behind by a dead process is
+            removed by the server after this many idle seconds.
+        dedup_window: event ids remembered per consumer, so a redelivery whose ack was
+            lost never reaches a handler twice.
+        subscribe_timeout: bound of `subscribe()` (consumer creation), seconds.
+    """
+
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    ack_wait: float = 30.0
+    batch: int = 256
+    heartbeat: float = 2.0
+    pull_expires: float = 30.0
+    max_ack_pending: int = 2048
+    start: Literal["new", "all"] = "new"
+    fanout_inactive_threshold: float = 300.0
+    dedup_window: int = 65_536
+    subscribe_timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.max_ack_pending < 1 or self.dedup_window < 1:
+            raise ConfigurationError("batch, max_ack_pending and dedup_window must be >= 1")
+        if self.heartbeat <= 0 or self.pull_expires < 2 * self.heartbeat:
+            raise ConfigurationError("need heartbeat > 0 and pull_expires >= 2 * heartbeat")
+        if self.ack_wait <= 0 or self.subscribe_timeout <= 0:
+            raise ConfigurationError("ack_wait and subscribe_timeout must be > 0")
+        if self.start not in ("new", "all"):
+            raise ConfigurationError(f"start must be 'new' or 'all', got {self.start!r}")
+
+
+class JetStreamTransport(NatsTransportBase):
+    """JetStream: persistent, at-least-once, deduplicated publishes, competing groups.
+
+    * `publish()` returns once the stream stored the event (replicated when R3) and
+      retries lost connections with the same ``Nats-Msg-Id`` for up to
+      `publish_timeout` seconds, then raises: every publish arrives or raises.
+    * Handlers are acked after they succeed; a failure naks with backoff; after
+      ``policy.max_deliveries`` attempts the event goes to the dead-letter stream
+      with why it died. Duplicates caused by lost acks are dropped per consumer.
+    * New fan-out subscribers see new events only (``consumer.start='all'`` replays).
+
+    Args:
+        servers: ``nats://`` / ``tls://`` URLs of one server or a cluster.
+        stream: stream options; consumer: consumer options.
+        publish_timeout: total seconds `publish()` keeps retrying.
+        ack_timeout: seconds to wait for one publish ack before retrying.
+        subject_prefix, dead_letter_prefix, codec, group_rule: as `NatsCoreTransport`.
+        **connection: see `ConnectionOptions` (auth, TLS, reconnect timing).
+    """
+
+    backend_name = "nats-jetstream"
+    capabilities = Capabilities(
+        persistent=True,
+        ordered=True,  # per consumer, as long as nothing is redelivered
+        at_least_once=True,
+        competing_consumers=True,
+        replays_history=False,
+        native_wildcards=True,
+        dedup=True,
+        cross_instance=True,
+    )
+
+    def __init__(
+        self,
+        servers: Sequence[str] | str = DEFAULT_SERVERS,
+        *,
+        stream: StreamOptions | None = None,
+        consumer: ConsumerOptions | None = None,
+        publish_timeout: float = 30.0,
+        ack_timeout: float = 2.0,
+        subject_prefix: str = DEFAULT_PREFIX,
+        dead_letter_prefix: str = DEFAULT_DEAD_LETTER_PREFIX,
+        codec: EventCodec[Any] | None = None,
+        group_rule: GroupRule | None = loom_request_groups,
+        **connection: Unpack[ConnectionOptions],
+    ) -> None:
+        super().__init__(
+            servers,
+            subject_prefix=subject_prefix,
+            dead_letter_prefix=dead_letter_prefix,
+            codec=codec,
+            group_rule=group_rule,
+            **connection,
+        )
+        if publish_timeout <= 0 or ack_timeout <= 0:
+            raise ConfigurationError("publish_timeout and ack_timeout must be > 0")
+        self.stream = stream or StreamOptions()
+        self.consumer_options = consumer or ConsumerOptions()
+        self.ack_timeout = ack_timeout
+        self._publish_retry = RetryPolicy(
+            timeout=publish_timeout, wait_initial=0.05, wait_max=1.0, wait_jitter=0.1
+        )
+        self._instance = uuid.uuid4().hex[:10]
+        self._js: JetStreamContext | None = None
+        self.replicas = self.stream.replicas or 1
+        self.duplicates = 0  # publishes the stream recognised as already stored
+
+    # -- what the consumers read -----------------------------------------------------
+
+    @property
+    def connection(self) -> NatsConnection:
+        """The shared connection (state, client)."""
+        return self._conn
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context of the open connection."""
+        if self._js is None:
+            require_connected(self._conn.state, self.backend_name)
+            raise AssertionError("unreachable")
+        return self._js
+
+    @property
+    def tasks(self) -> TaskSupervisor:
+        """The supervisor every consumer loop runs under."""
+        return self._local.tasks
+
+    @property
+    def table(self) -> HandlerTable:
+        """The handler table (groups, owner keys)."""
+        return self._local.table
+
+    @property
+    def counters(self) -> DeliveryCounters:
+        """Shared delivery counters."""
+        return self._local.counters
+
+    def topic_of(self, subject: str) -> str:
+        """The topic of a subject (the subject itself when it is not ours)."""
+        return self._topic_of(subject)
+
+    def consumer_config(self, key: SubscriptionKey, name: str, start: int | None) -> ConsumerConfig:
+        """The consumer of `key`: durable, explicit ack, filtered to its native subject."""
+        o = self.consumer_options
+        if start is not None:
+            deliver, opt_start = DeliverPolicy.BY_START_SEQUENCE, start
+        else:
+            deliver = DeliverPolicy.NEW if o.start == "new" else DeliverPolicy.ALL
+            opt_start = None
+        return ConsumerConfig(
+            name=name,
+            durable_name=name,
+            deliver_policy=deliver,
+            opt_start_seq=opt_start,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=o.ack_wait,
+            max_deliver=-1,  # the client counts attempts and dead-letters (DeliveryPolicy)
+            filter_subject=self.subjects.native(key.pattern),
+            max_ack_pending=o.max_ack_pending,
+            inactive_threshold=o.fanout_inactive_threshold if key.group is None else None,
+        )
+
+    def consumer_name(self, key: SubscriptionKey) -> str:
+        """Group members share a durable (same group + pattern, any process); a fan-out
+        subscription gets a consumer of its own."""
+        if key.group is not None:
+            return f"g_{safe_name(key.group)}_{digest(key.group, key.raw)}"
+        return f"f_{self._instance}_{digest(key.raw)}"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _forget_native(self) -> None:
+        self._consumers: dict[SubscriptionKey, PullConsumer] = {}
+        self._js = None
+
+    @override
+    async def _after_connect(self) -> None:
+        client = self._conn.client
+        self._js = client.jetstream(timeout=max(2.0, self.ack_timeout))
+        if self.stream.replicas is None:
+            self.replicas = min(3, len(client.servers)) if len(client.servers) >= 3 else 1
+        if not self.stream.manage:
+            return
+        s = self.stream
+        storage = StorageType.FILE if s.storage == "file" else StorageType.MEMORY
+        main = StreamConfig(
+            name=s.name,
+            subjects=[self.subjects.all_subjects],
+            num_replicas=self.replicas,
+            max_age=s.max_age,
+            max_msgs=s.max_msgs,
+            max_bytes=s.max_bytes,
+            duplicate_window=s.duplicate_window,
+            storage=storage,
+        )
+        dead = StreamConfig(
+            name=s.dead_letter_stream,
+            subjects=[self.subjects.all_dead_letters],
+            num_replicas=self.replicas,
+            max_age=s.dead_letter_max_age,
+            duplicate_window=s.duplicate_window,
+            storage=storage,
+        )
+        setup = RetryPolicy(timeout=max(5.0, self.options.connect_timeout), wait_max=1.0)
+        for config in (main, dead):
+            await setup.call(lambda config=config: self._ensure_stream(config))  # type: ignore[misc]
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        with map_nats_errors(what=f"stream {config.name}"):
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS:
+                    raise ConfigurationError(f"stream {config.name}: {exc.description}") from exc
+                await self.js.update_stream(config)
+
+    @override
+    async def _before_close(self) -> None:
+        consumers = list(self._consumers.items())
+        self._consumers = {}
+        for key, consumer in consumers:
+            await consumer.stop(delete=key.group is None)
+
+    # -- publishing ------------------------------------------------------------------
+
+    @override
+    async def publish(self, topic: str, event: Any) -> None:
+        """Store `event` in the stream; returns once the stream acked it.
+
+        Raises:
+            NotConnectedError: not connected.
+            ConfigurationError: the topic is invalid.
+            FailoverExhaustedError: no ack within `publish_timeout` (``__cause__`` says why).
+            PublishError: the stream refused it.
+        """
+        self._check_can_send()
+        validate_topic(topic)
+        subject = self.subjects.subject(topic)
+        await self._publish_acked(subject, self.codec.encode(event), event.id, topic)
+        self._local.counters.published += 1
+
+    async def _publish_acked(self, subject: str, payload: bytes, msg_id: str, topic: str) -> None:
+        headers = {MSG_ID: msg_id}
+
+        async def once() -> None:
+            with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                ack = await self.js.publish(
+                    subject, payload, timeout=self.ack_timeout, headers=headers
+                )
+            if ack.duplicate:
+                self.duplicates += 1
+
+        await self._publish_retry.call(once)
+
+    async def publish_async(self, topic: str, event: Any) -> Awaitable[None]:
+        """Send `event` without waiting for the stream's ack; await the result for it.
+
+        The returned awaitable completes once the event is stored (retrying like
+        `publish()`, with the same ``Nats-Msg-Id``) or raises; it must be awaited.
+        """
+        self._check_can_send()
+        validate_topic(topic)
+        subject, payload = self.subjects.subject(topic), self.codec.encode(event)
+        headers = {MSG_ID: event.id}
+        with map_nats_errors(topic=topic, event_id=event.id, what="publish"):
+            future = await self.js.publish_async(subject, payload, headers=headers)
+        return self._confirm(future, subject, payload, event.id, topic)
+
+    async def _confirm(
+        self, future: Awaitable[Any], subject: str, payload: bytes, msg_id: str, topic: str
+    ) -> None:
+        try:
+            with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                async with asyncio.timeout(self.ack_timeout):
+                    ack = await future
+            if ack.duplicate:
+                self.duplicates += 1
+        except ConnectionLostError:
+            await self._publish_acked(subject, payload, msg_id, topic)
+        self._local.counters.published += 1
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish `(topic, event)` pairs pipelined; returns once all are stored.
+
+        Raises:
+            LoomHAError: the first failure (the others were still awaited).
+        """
+        pending = [await self.publish_async(topic, event) for topic, event in items]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def dead_letter(
+        self, reason: str, topic: str, origin: str, attempts: int, raw: bytes, msg_id: str
+    ) -> bool:
+        """Store a dead letter in the dead-letter stream; False when that failed."""
+        subject, payload = self._dead_letter_event(reason, topic, origin, attempts, raw)
+        try:
+            await self._publish_acked(subject, payload, msg_id, topic)
+        except LoomHAError as exc:
+            log.error("dead letter for %r not stored (%s); will retry", topic, exc)
+            return False
+        self._local.counters.dead_lettered += 1
+        return True
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    @override
+    async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
+        """Deliver `topic` to `handler`; the consumer exists when this returns.
+
+        Raises:
+            NotConnectedError: not connected.
+            ConfigurationError: `topic` is not a valid pattern.
+            FailoverExhaustedError: the consumer could not be created in time.
+        """
+        require_connected(self._conn.state, self.backend_name)
+        local = self._local
+        group = local.resolve_group(topic, group)
+        key, is_new = local.table.add(topic, handler, group)
+        if not is_new:
+            return
+        consumer = PullConsumer(self, key, self.consumer_name(key))
+        self._consumers[key] = consumer
+        retry = RetryPolicy(timeout=self.consumer_options.subscribe_timeout, wait_max=1.0)
+        try:
+            await consumer.start(retry)
+        except BaseException:
+            self._consumers.pop(key, None)
+            local.table.remove(topic, handler)
+            await consumer.stop(delete=key.group is None)
+            raise
+
+    @override
+    async def unsubscribe(self, topic: str, handler: Handler) -> None:
+        """Stop delivering `topic` to `handler`; a fan-out consumer is deleted."""
+        for key in await self._local.remove(topic, handler):
+            consumer = self._consumers.pop(key, None)
+            if consumer is not None:
+                await consumer.stop(delete=key.group is None)
+
+    @override
+    def _extra_statistics(self) -> dict[str, Any]:
+        consumers = list(getattr(self, "_consumers", {}).values())
+        return {
+            "stream": self.stream.name,
+            "replicas": self.replicas,
+            "consumers": [c.name for c in consumers],
+            "pulls": sum(c.pulls for c in consumers),
+            "consumers_recreated": sum(c.recreated for c in consumers),
+            "duplicates_dropped": sum(c.skipped_duplicates for c in consumers),
+            "duplicate_publishes": self.duplicates,
+        }

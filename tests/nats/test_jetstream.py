@@ -1,0 +1,197 @@
+"""JetStream-only behaviour: dedup, nak + dead letters, malformed input, history, recreation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+
+from loom_ha.deadletter import DeadLetter
+from loom_ha.event import CloudEvent, EventCodec
+from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport
+from loom_ha.policy import DeliveryPolicy
+from loom_ha.testing.collect import Collector
+from loom_ha.testing.servers import NatsServer
+
+pytestmark = pytest.mark.nats
+
+FAST = ConsumerOptions(
+    heartbeat=0.5,
+    pull_expires=5.0,
+    policy=DeliveryPolicy(max_deliveries=3, backoff_initial=0.05, backoff_max=0.1),
+)
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic no other test uses."""
+    return f"js.{uuid.uuid4().hex[:10]}/x y"
+
+
+@pytest.fixture
+async def raw(nats_server: NatsServer) -> AsyncIterator[Any]:
+    """A plain nats-py client on the session server."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def _event(n: int = 0) -> CloudEvent:
+    return CloudEvent.create(source="/test/js", type="js.test", data={"n": n})
+
+
+async def _watch_dead_letters(raw: Any, topic: str) -> Any:
+    """A core subscription that sees dead letters of `topic` as they are stored."""
+    sub = await raw.subscribe(JetStreamTransport().subjects.dead_letter_subject(topic))
+    await raw.flush()
+    return sub
+
+
+async def _next_letter(sub: Any) -> DeadLetter:
+    msg = await sub.next_msg(timeout=10)
+    await sub.unsubscribe()
+    return DeadLetter.from_event(EventCodec().decode(msg.data))
+
+
+async def test_republished_event_ids_are_delivered_once(
+    nats_server: NatsServer, topic: str
+) -> None:
+    """Publishing the same event twice (a retry) stores and delivers it once."""
+    got = Collector()
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        await js.subscribe(topic, got)
+        event = _event()
+        await js.publish(topic, event)
+        await js.publish(topic, event)
+        await js.publish(topic, _event(1))
+        await got.wait_for(2)
+        assert js.statistics().extra["duplicate_publishes"] == 1  # type: ignore[index]
+    assert sorted(got.ids) == sorted([event.id, got.ids[1]]) and len(got.ids) == 2
+
+
+async def test_failing_handler_is_dead_lettered_with_its_reason(
+    nats_server: NatsServer, topic: str, raw: Any
+) -> None:
+    """A handler failing every attempt gets max_deliveries tries, then the event is dead-lettered
+    with the error, and the subscription keeps delivering."""
+    attempts: list[str] = []
+    good = Collector()
+
+    async def flaky(event: Any) -> None:
+        if event.data["n"] == 0:
+            attempts.append(event.id)
+            raise ValueError("cannot handle n=0 (expected by the test)")
+        await good(event)
+
+    letters = await _watch_dead_letters(raw, topic)
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        await js.subscribe(topic, flaky)
+        doomed = _event(0)
+        await js.publish(topic, doomed)
+        await js.publish(topic, _event(1))
+        await good.wait_for(1)
+        letter = await _next_letter(letters)
+        stats = js.statistics()
+    assert attempts == [doomed.id] * 3
+    assert stats.redelivered == 2 and stats.handler_errors == 3
+    assert letter.attempts == 3 and "cannot handle n=0" in letter.reason
+    assert letter.topic == topic and EventCodec().decode(letter.raw).id == doomed.id
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"not json at all", "JSON"),
+        (b'{"specversion":"0.3","id":"1","source":"/s","type":"t"}', "specversion"),
+        (b"x" * 300, "limit"),
+    ],
+)
+async def test_malformed_messages_are_counted_and_dead_lettered(
+    nats_server: NatsServer, topic: str, raw: Any, payload: bytes, reason: str
+) -> None:
+    """Bytes that are no valid CloudEvent are counted, dead-lettered with why, and skipped."""
+    got = Collector()
+    codec = EventCodec(max_size=256)
+    letters = await _watch_dead_letters(raw, topic)
+    async with JetStreamTransport([nats_server.url], consumer=FAST, codec=codec) as js:
+        await js.subscribe(topic, got)
+        await raw.jetstream().publish(js.subjects.subject(topic), payload)
+        await js.publish(topic, _event())
+        await got.wait_for(1)
+        letter = await _next_letter(letters)
+        stats = js.statistics()
+    assert stats.malformed == 1 and len(got.events) == 1
+    assert reason.lower() in letter.reason.lower()
+    assert letter.raw == payload or reason == "specversion"  # JSON originals are re-serialized
+    assert letter.attempts == 0
+
+
+async def test_core_malformed_messages_are_counted_and_reported(
+    nats_server: NatsServer, topic: str, raw: Any
+) -> None:
+    """Core mode counts a malformed message and publishes a dead letter for it."""
+    got = Collector()
+    async with NatsCoreTransport([nats_server.url]) as core:
+        letters = await raw.subscribe(core.subjects.dead_letter_subject(topic))
+        await raw.flush()
+        await core.subscribe(topic, got)
+        await raw.publish(core.subjects.subject(topic), b"[1, 2]")
+        await core.publish(topic, _event())
+        await got.wait_for(1)
+        letter = DeadLetter.from_event(EventCodec().decode((await letters.next_msg(5)).data))
+        stats = core.statistics()
+        await letters.unsubscribe()
+    assert stats.malformed == 1 and stats.dead_lettered == 1
+    assert letter.topic == topic and letter.raw == b"[1, 2]"
+
+
+async def test_new_subscribers_see_only_new_events_unless_asked(
+    nats_server: NatsServer, topic: str
+) -> None:
+    """A fan-out subscriber starts at new events; start='all' replays the stream."""
+    fresh, replay = Collector("fresh"), Collector("replay")
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        old = _event(0)
+        await js.publish(topic, old)
+        await js.subscribe(topic, fresh)
+        new = _event(1)
+        await js.publish(topic, new)
+        await fresh.wait_for(1)
+    everything = ConsumerOptions(heartbeat=0.5, pull_expires=5.0, start="all")
+    async with JetStreamTransport([nats_server.url], consumer=everything) as js:
+        await js.subscribe(topic, replay)
+        await replay.wait_for(2)
+    assert fresh.ids == [new.id]
+    assert replay.ids == [old.id, new.id]
+
+
+async def test_deleted_consumer_is_recreated(nats_server: NatsServer, topic: str, raw: Any) -> None:
+    """Deleting a subscription's consumer on the server does not stop delivery."""
+    got = Collector()
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        await js.subscribe(topic, got)
+        await js.publish(topic, _event(0))
+        await got.wait_for(1)
+        (name,) = js.statistics().extra["consumers"]  # type: ignore[index]
+        await raw.jetstream().delete_consumer(js.stream.name, name)
+        after = _event(1)
+        await js.publish(topic, after)
+        await got.wait_for(2, within=15)
+        assert js.statistics().extra["consumers_recreated"] >= 1  # type: ignore[index]
+    assert got.ids[-1] == after.id
+
+
+async def test_publish_many_pipelines_and_confirms(nats_server: NatsServer, topic: str) -> None:
+    """publish_many stores every event before returning; all are delivered."""
+    got = Collector()
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        await js.subscribe(topic, got)
+        events = [_event(n) for n in range(500)]
+        await js.publish_many((topic, e) for e in events)
+        await got.wait_for(500)
+    assert sorted(got.ids) == sorted(e.id for e in events)

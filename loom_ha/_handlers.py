@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -36,6 +37,14 @@ class SubscriptionKey:
 
     pattern: TopicPattern
     group: str | None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Keys are looked up for every delivered event: hash once, not per lookup.
+        object.__setattr__(self, "_hash", hash((self.pattern.raw, self.group)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def raw(self) -> str:
@@ -202,23 +211,31 @@ class Mailbox:
     ) -> None:
         self._handler = handler
         self._counters = counters
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # A deque and an Event instead of asyncio.Queue: the worker drains a burst
+        # without a wake-up per event (this is the hot path of every backend).
+        self._items: deque[tuple[str, Any]] = deque()
+        self._ready = asyncio.Event()
         self._task = supervisor.spawn(self._run(), name=f"mailbox:{handler!r}")
         self._supervisor = supervisor
 
     def put(self, topic: str, event: Any) -> None:
         """Queue one event; never blocks (the queue is unbounded, see `depth`)."""
-        self._queue.put_nowait((topic, event))
+        self._items.append((topic, event))
+        self._ready.set()
 
     @property
     def depth(self) -> int:
         """Events waiting for this handler."""
-        return self._queue.qsize()
+        return len(self._items)
 
     async def _run(self) -> None:
-        queue, handler, counters = self._queue, self._handler, self._counters
+        items, ready, handler, counters = self._items, self._ready, self._handler, self._counters
         while True:
-            topic, event = await queue.get()
+            if not items:
+                ready.clear()
+                await ready.wait()
+                continue
+            topic, event = items.popleft()
             await invoke(handler, topic, event, counters)
 
     async def close(self) -> None:

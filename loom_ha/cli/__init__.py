@@ -1,4 +1,4 @@
-"""The `loom-ha` command: demo, bench (more subcommands join as they are built)."""
+"""The `loom-ha` command: demo, bench, status (more subcommands join as they are built)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
 
     bench = sub.add_parser("bench", help="throughput and latency against a baseline")
-    bench.add_argument("--transport", choices=["memory"], default="memory")
+    bench.add_argument("--transport", choices=["memory", "redis", "nats", "all"], default="memory")
+    bench.add_argument("--url", default=None, help="broker URL (default: start a local server)")
     bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")
     bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
     chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
@@ -35,13 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--events", type=int, default=10_000, help="events to publish (10,000)")
     chaos.add_argument("--mode", default=None, help="transport mode (default: the durable one)")
     chaos.add_argument("--options", default="", help="extra URL options, e.g. outbox=fail_fast")
+    status = sub.add_parser("status", help="services, instances and health in a registry")
+    status.add_argument(
+        "url", nargs="?", help="consul://host:port or redis://host:port/db ($LOOM_HA_REGISTRY)"
+    )
+    status.add_argument("--service", help="only this service")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds per call (5)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `loom-ha` console script."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Piped output (CI logs, docs) gets room for the tables instead of rich's 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     level = (logging.ERROR, logging.WARNING, logging.INFO)[min(args.verbose, 2)]
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
@@ -54,7 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loom_ha.cli.bench import run_bench
 
         return asyncio.run(
-            run_bench(console, transport=args.transport, events=args.events, pings=args.pings)
+            run_bench(
+                console,
+                transport=args.transport,
+                events=args.events,
+                pings=args.pings,
+                url=args.url,
+            )
         )
     if args.command == "chaos":
         from loom_ha.cli.chaos import run_chaos_command
@@ -67,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode=args.mode,
                 options=args.options,
             )
+        )
+    if args.command == "status":
+        from loom_ha.cli.status import run_status
+
+        return asyncio.run(
+            run_status(console, args.url, service=args.service, timeout=args.timeout)
         )
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -21,12 +21,42 @@ def render(console: Console, rows: list[BenchRow], title: str) -> None:
     console.print("ratio > 1: loom-ha is better (higher throughput or lower latency)")
 
 
-async def run_bench(console: Console, *, transport: str, events: int, pings: int) -> int:
-    """Measure and print; returns an exit code."""
+async def run_bench(
+    console: Console, *, transport: str, events: int, pings: int, url: str | None = None
+) -> int:
+    """Measure and print; returns an exit code.
+
+    Without `url`, Redis and NATS rows run against a server started here from the
+    shipped launchers (loopback, temporary directory), stopped afterwards.
+    """
     from loom_ha.bench.memory import codec_rows, memory_rows
 
+    wanted = ("memory", "redis", "nats") if transport == "all" else (transport,)
     rows = codec_rows()
-    if transport == "memory":
+    if "memory" in wanted:
         rows += await memory_rows(events, pings)
+    if "redis" in wanted:
+        rows += await _with_server("redis", url, events, pings)
+    if "nats" in wanted:
+        rows += await _with_server("nats", url, events, pings)
     render(console, rows, f"loom-ha bench --transport {transport}")
     return 0
+
+
+async def _with_server(kind: str, url: str | None, events: int, pings: int) -> list[BenchRow]:
+    """Rows of one broker, on `url` or on a server started for the run."""
+    if kind == "redis":
+        from loom_ha.bench.redis import redis_rows
+        from loom_ha.testing.redis_servers import RedisServer
+
+        if url is not None:
+            return await redis_rows(url, events, pings)
+        with RedisServer() as redis_server:
+            return await redis_rows(redis_server.url, events, pings)
+    from loom_ha.bench.nats import nats_rows
+    from loom_ha.testing.nats_servers import NatsServer
+
+    if url is not None:
+        return await nats_rows(url.split(","), events, pings)
+    with NatsServer(jetstream=True) as nats_server:
+        return await nats_rows([nats_server.url], events, pings)

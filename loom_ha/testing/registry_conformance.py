@@ -1,0 +1,281 @@
+"""The registry conformance suite: behaviours every `ServiceRegistry` backend must show.
+
+Use it by subclassing and providing a `registry_backend` fixture::
+
+    from loom_ha.testing.registry_conformance import RegistryBackend, RegistryConformance
+
+    class TestMyRegistry(RegistryConformance):
+        @pytest.fixture
+        def registry_backend(self, my_server) -> RegistryBackend:
+            return RegistryBackend("mine", lambda **kw: MyRegistry(my_server.url, **kw))
+
+The factory takes the registry's keyword options (``ttl=``...) and must return registries
+that share one backend, so that one can observe what another registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from loom_ha.discovery import (
+    Health,
+    ServiceInstance,
+    ServiceRegistry,
+    ServiceSnapshot,
+    Watch,
+)
+from loom_ha.errors import ConfigurationError, RegistryError
+
+__all__ = ["RegistryBackend", "RegistryConformance", "eventually", "next_snapshot"]
+
+
+@dataclass(frozen=True)
+class RegistryBackend:
+    """How the suite builds registries of one backend.
+
+    Attributes:
+        name: shown in messages.
+        factory: ``factory(**options)`` returns a new registry on the shared backend.
+        expired_stay_listed: an instance whose TTL expired is still listed (critical) by
+            ``instances(passing_only=False)`` (Consul, memory), rather than gone (Redis).
+    """
+
+    name: str
+    factory: Callable[..., ServiceRegistry]
+    expired_stay_listed: bool = True
+
+    @asynccontextmanager
+    async def registries(
+        self, count: int = 1, **options: Any
+    ) -> AsyncIterator[list[ServiceRegistry]]:
+        """`count` registries on the backend, closed at exit."""
+        async with AsyncExitStack() as stack:
+            made = [self.factory(**options) for _ in range(count)]
+            for registry in made:
+                stack.push_async_callback(registry.close)
+            yield made
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], *, within: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll `probe` until it returns True; return the seconds it took.
+
+    Raises:
+        AssertionError: not within `within` seconds (naming `what`).
+    """
+    start = time.monotonic()
+    while True:
+        if await probe():
+            return time.monotonic() - start
+        if time.monotonic() - start > within:
+            raise AssertionError(f"{what}: not reached within {within}s")
+        await asyncio.sleep(0.02)
+
+
+async def next_snapshot(
+    watch: Watch, predicate: Callable[[ServiceSnapshot], bool], *, within: float = 10.0
+) -> ServiceSnapshot:
+    """The first snapshot from `watch` (including its latest one) that satisfies `predicate`."""
+    if watch.latest is not None and predicate(watch.latest):
+        return watch.latest
+    async with asyncio.timeout(within):
+        async for snap in watch:
+            if predicate(snap):
+                return snap
+    raise AssertionError(f"watch of {watch.service} ended before the expected snapshot")
+
+
+def make_instance(service: str, n: int = 0, **fields: Any) -> ServiceInstance:
+    """An instance of `service` numbered `n`, with a transport URL and some meta."""
+    return ServiceInstance(
+        service=service,
+        instance_id=f"inst-{n}",
+        address=f"redis://10.0.0.{n + 1}:6379",
+        tags=("loom", f"n{n}"),
+        meta={"version": "1.2.3", "transport": "redis"},
+        **fields,
+    )
+
+
+class RegistryConformance:
+    """Behaviours every registry shows; subclass and provide a `registry_backend` fixture."""
+
+    @pytest.fixture
+    def service(self) -> str:
+        """A service name unique to the test, so tests never see each other's instances."""
+        return f"conf-{uuid.uuid4().hex[:10]}"
+
+    async def test_register_lists_instance_with_its_fields(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """A registered instance is listed as passing, with address, tags, meta and weight."""
+        async with registry_backend.registries(2) as (mine, other):
+            registration = await mine.register(make_instance(service, weight=3))
+            assert registration.active and registration.heartbeats >= 1
+            (found,) = await other.instances(service)
+            assert found.instance_id == "inst-0" and found.health is Health.PASSING
+            assert found.address == "redis://10.0.0.1:6379"
+            assert set(found.tags) == {"loom", "n0"}
+            assert found.version == "1.2.3" and found.transport == "redis"
+            assert found.weight == 3
+            assert service in await other.services()
+
+    async def test_deregister_removes_instance(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """deregister() removes the instance at once and is idempotent."""
+        async with registry_backend.registries() as (registry,):
+            keep = await registry.register(make_instance(service, 0))
+            gone = await registry.register(make_instance(service, 1))
+            await gone.deregister()
+            await registry.deregister(gone)
+            listed = await registry.instances(service, passing_only=False)
+            assert [i.instance_id for i in listed] == ["inst-0"]
+            assert not gone.active and keep.active
+            assert registry.statistics().registrations == 1
+
+    async def test_duplicate_registration_is_rejected(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """Registering the same instance twice on one registry raises RegistryError."""
+        async with registry_backend.registries() as (registry,):
+            await registry.register(make_instance(service))
+            with pytest.raises(RegistryError, match="already registered"):
+                await registry.register(make_instance(service))
+
+    async def test_passing_only_follows_reported_health(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """A critical instance leaves the passing set (still listed with its note) and returns."""
+        async with registry_backend.registries(2) as (mine, other):
+            sick = await mine.register(make_instance(service, 0))
+            await mine.register(make_instance(service, 1))
+            await sick.set_health(Health.CRITICAL, "database down")
+            assert [i.instance_id for i in await other.instances(service)] == ["inst-1"]
+            listed = {i.instance_id: i for i in await other.instances(service, passing_only=False)}
+            assert listed["inst-0"].health is Health.CRITICAL
+            assert "database down" in listed["inst-0"].note
+            await sick.set_health(Health.PASSING)
+            passing = await other.instances(service)
+            assert [i.instance_id for i in passing] == ["inst-0", "inst-1"]
+
+    async def test_heartbeat_keeps_instance_alive_past_its_ttl(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """With a 0.6 s TTL the instance is still passing after 2 s, heartbeating every TTL/3."""
+        async with registry_backend.registries(ttl=0.6) as (registry,):
+            registration = await registry.register(make_instance(service))
+            assert registration.interval <= 0.2 + 1e-9
+            await asyncio.sleep(2.0)
+            assert [i.instance_id for i in await registry.instances(service)] == ["inst-0"]
+            assert registration.heartbeats >= 6
+            assert registration.last_heartbeat is not None
+
+    async def test_ttl_expiry_when_heartbeat_stops(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """An instance whose heartbeat stops leaves the passing set within TTL + 1 s."""
+        ttl = 1.0
+        async with registry_backend.registries(ttl=ttl) as (observer,):
+            crashing = registry_backend.factory(ttl=ttl)
+            await crashing.register(make_instance(service))
+            await crashing.close(deregister=False)  # heartbeat stops, nothing deregistered
+            stopped = time.monotonic()
+
+            async def gone() -> bool:
+                return not await observer.instances(service)
+
+            await eventually(gone, within=ttl + 1.0, what="expired instance leaves passing set")
+            took = time.monotonic() - stopped
+            listed = await observer.instances(service, passing_only=False)
+            if registry_backend.expired_stay_listed:
+                assert [i.health for i in listed] == [Health.CRITICAL]
+            else:
+                assert listed == []
+        assert took <= ttl + 1.0
+
+    async def test_forgotten_instance_is_registered_again(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """When the backend loses an instance (agent restart, flush), the heartbeat restores it."""
+        async with registry_backend.registries(2, ttl=0.9) as (mine, other):
+            await mine.register(make_instance(service))
+            await other.deregister(make_instance(service))  # the backend forgets it
+
+            async def back() -> bool:
+                return [i.instance_id for i in await other.instances(service)] == ["inst-0"]
+
+            await eventually(back, within=3.0, what="instance registered again")
+            assert mine.statistics().reregistrations >= 1
+
+    async def test_watch_sees_additions_and_removals(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """A watch yields the current snapshot, then each addition and removal."""
+        async with registry_backend.registries(2) as (mine, watcher):
+            async with watcher.watch(service) as watch:
+                first = await next_snapshot(watch, lambda s: True)
+                assert first.instances == () and not first.stale
+                a = await mine.register(make_instance(service, 0))
+                await next_snapshot(watch, lambda s: s.ids == ["inst-0"])
+                await mine.register(make_instance(service, 1))
+                added = await next_snapshot(watch, lambda s: s.ids == ["inst-0", "inst-1"])
+                await a.set_health(Health.CRITICAL, "unhealthy")
+                await next_snapshot(watch, lambda s: s.ids == ["inst-1"])
+                await a.deregister()
+                await mine.deregister(make_instance(service, 1))
+                removed = await next_snapshot(watch, lambda s: s.ids == [])
+                assert removed.index >= added.index >= 1
+                assert watcher.statistics().watches == 1
+            assert watcher.statistics().watches == 0
+
+    async def test_close_deregisters_ends_watches_and_leaves_no_task(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """close() deregisters every instance, ends watches and leaves no task behind."""
+        tasks_before = len(asyncio.all_tasks())
+        async with registry_backend.registries() as (observer,):
+            registry = registry_backend.factory()
+            for n in range(3):
+                await registry.register(make_instance(service, n))
+            assert registry.statistics().tasks == 3
+            watch = registry.watch(service)
+            await next_snapshot(watch, lambda s: len(s.ids) == 3)
+            consumer = asyncio.create_task(_drain(watch))
+            await asyncio.sleep(0.05)  # let it block in its query
+            await registry.close()
+            await registry.close()  # idempotent
+            async with asyncio.timeout(5):
+                await consumer
+            assert registry.statistics().tasks == 0
+            assert await observer.instances(service, passing_only=False) == []
+            with pytest.raises(RegistryError, match="closed"):
+                await registry.register(make_instance(service, 9))
+        assert len(asyncio.all_tasks()) == tasks_before, asyncio.all_tasks()
+
+    async def test_invalid_names_and_times_are_rejected(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """Bad instance ids, service names and a heartbeat slower than TTL/3 are refused."""
+        with pytest.raises(ConfigurationError, match="instance id"):
+            ServiceInstance(service=service, instance_id="a/b")
+        with pytest.raises(ConfigurationError, match="service name"):
+            ServiceInstance(service="no spaces", instance_id="a")
+        async with registry_backend.registries() as (registry,):
+            with pytest.raises(ConfigurationError, match="ttl/3"):
+                await registry.register(make_instance(service), ttl=3.0, interval=1.5)
+            assert await registry.instances(service) == []
+
+
+async def _drain(watch: Watch) -> None:
+    async for _ in watch:
+        pass

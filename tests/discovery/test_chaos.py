@@ -1,0 +1,205 @@
+"""Discovery under failure: killed instances, a killed Consul leader, agent restarts, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+
+from loom_ha.discovery import ServiceSnapshot, Watch
+from loom_ha.discovery.consul import ConsulRegistry
+from loom_ha.testing.plugin import ServerLauncher
+from loom_ha.testing.registry_conformance import eventually, next_snapshot
+
+from .conftest import consul_url, instance
+
+pytestmark = [pytest.mark.chaos, pytest.mark.consul]
+
+_INSTANCE_PROCESS = """
+import asyncio, sys
+from loom_ha.discovery import ServiceInstance
+from loom_ha.discovery.consul import ConsulRegistry
+
+async def main() -> None:
+    registry = ConsulRegistry(sys.argv[1], ttl=float(sys.argv[3]))
+    await registry.register(
+        ServiceInstance(service=sys.argv[2], instance_id="victim", address="redis://127.0.0.1:1")
+    )
+    print("registered", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkilled_instance_leaves_passing_set_within_ttl(
+    server_launcher: ServerLauncher, service: str
+) -> None:
+    """A SIGKILLed instance process goes critical within TTL + 1 s and watchers see it leave."""
+    ttl = 1.0
+    agent = await asyncio.to_thread(server_launcher.consul_agent)
+    url = consul_url(agent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _INSTANCE_PROCESS,
+        url,
+        service,
+        str(ttl),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            assert (await proc.stdout.readline()).strip() == b"registered"
+        async with (
+            ConsulRegistry(url, watch_wait=5.0) as registry,
+            registry.watch(service) as watch,
+        ):
+            await next_snapshot(watch, lambda s: s.ids == ["victim"])
+            proc.kill()
+            killed = time.monotonic()
+
+            async def critical_at_agent() -> bool:
+                checks = await asyncio.to_thread(agent.api, "agent/checks")
+                assert isinstance(checks, dict)
+                return bool(checks[f"loom-ha:{service}:victim"]["Status"] == "critical")
+
+            async with asyncio.TaskGroup() as group:
+                left = group.create_task(eventually(critical_at_agent, within=ttl + 3, what="left"))
+                await next_snapshot(watch, lambda s: s.ids == [], within=ttl + 3)
+                seen = time.monotonic() - killed
+            (critical,) = await registry.instances(service, passing_only=False)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    print(
+        f"\nSIGKILLed instance: its TTL check went critical after {left.result():.2f}s "
+        f"(TTL {ttl}s); the watch saw it leave the passing set after {seen:.2f}s"
+    )
+    assert left.result() <= ttl + 1.0
+    # The catalog (what watchers read) follows the agent by Consul's anti-entropy sync,
+    # measured at 0-1.3 s on a dev agent.
+    assert seen <= ttl + 2.0
+    assert critical.instance_id == "victim" and not critical.passing
+
+
+async def test_leader_kill_registrations_and_watches_continue(
+    server_launcher: ServerLauncher, service: str
+) -> None:
+    """After the Consul leader is killed, heartbeats, registrations and watches carry on."""
+    cluster = await asyncio.to_thread(server_launcher.consul_cluster, 3)
+    leader = cluster.leader_member()
+    follower = next(m for m in cluster.members if m is not leader)
+    async with (
+        ConsulRegistry(consul_url(follower), ttl=3.0, timeout=1.0, watch_wait=1.0) as registry,
+        registry.watch(service) as watch,
+    ):
+        first = await registry.register(instance(service, 0))
+        await next_snapshot(watch, lambda s: s.ids == ["inst-0"])
+        old = leader.server_address
+        await asyncio.to_thread(leader.kill)
+        killed = time.monotonic()
+
+        def new_leader() -> bool:
+            try:
+                current = follower.leader()
+            except OSError:
+                return False
+            return current is not None and current != old
+
+        async def elected() -> bool:
+            return await asyncio.to_thread(new_leader)
+
+        await eventually(elected, within=30, what="a new leader")
+        leaderless = time.monotonic() - killed
+        second = await registry.register(instance(service, 1))
+        snap = await next_snapshot(watch, lambda s: s.ids == ["inst-0", "inst-1"], within=15)
+        recovered = time.monotonic() - killed
+        assert not snap.stale
+        assert first.active and second.active and first.failures == 0
+    print(
+        f"\nleader killed: no leader for {leaderless:.2f}s; watch saw a registration made after "
+        f"re-election {recovered:.2f}s after the kill; heartbeat failures {first.failures}"
+    )
+
+
+async def test_agent_restart_every_instance_registers_again(
+    server_launcher: ServerLauncher, service: str
+) -> None:
+    """A dev agent restarted empty gets every live instance back from their own heartbeats."""
+    agent = await asyncio.to_thread(server_launcher.consul_agent)
+    async with ConsulRegistry(consul_url(agent), ttl=1.0, timeout=1.0) as registry:
+        for n in range(3):
+            await registry.register(instance(service, n))
+        await asyncio.to_thread(agent.restart)
+        restarted = time.monotonic()
+
+        async def all_back() -> bool:
+            passing = await asyncio.to_thread(agent.api, f"health/service/{service}?passing=1")
+            return isinstance(passing, list) and len(passing) == 3
+
+        took = await eventually(all_back, within=10, what="instances registered again")
+        stats = registry.statistics()
+    print(
+        f"\nagent restarted: all 3 instances passing again {took:.2f}s after it was ready "
+        f"({time.monotonic() - restarted:.2f}s); re-registrations {stats.reregistrations}, "
+        f"failed heartbeats {stats.heartbeat_failures}"
+    )
+    assert stats.reregistrations >= 3
+
+
+async def test_consul_unreachable_serves_stale_then_resumes(
+    server_launcher: ServerLauncher, service: str
+) -> None:
+    """While Consul is frozen for 10 s, discovery serves the last snapshot marked stale."""
+    agent = await asyncio.to_thread(server_launcher.consul_agent)
+    snaps: list[tuple[float, ServiceSnapshot]] = []
+
+    async def record(watch: Watch) -> None:
+        async for snap in watch:
+            snaps.append((time.monotonic(), snap))
+
+    async with (
+        ConsulRegistry(consul_url(agent), ttl=3.0, timeout=1.0, watch_wait=1.0) as registry,
+        registry.watch(service) as watch,
+    ):
+        await registry.register(instance(service, 0))
+        await next_snapshot(watch, lambda s: s.ids == ["inst-0"])
+        consumer = asyncio.create_task(record(watch))
+        await asyncio.to_thread(agent.pause)
+        paused = time.monotonic()
+        try:
+            await eventually(
+                lambda: _has(snaps, stale=True), within=5, what="stale snapshot while frozen"
+            )
+            stale_after = time.monotonic() - paused
+            during = await registry.snapshot(service)
+            assert during.stale and during.ids == ["inst-0"]
+            assert [i.instance_id for i in await registry.instances(service)] == ["inst-0"]
+            await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - paused)))
+        finally:
+            await asyncio.to_thread(agent.resume)
+        resumed = time.monotonic()
+        await registry.register(instance(service, 1))
+        await eventually(
+            lambda: _has(snaps, stale=False, ids=["inst-0", "inst-1"]), within=10, what="resume"
+        )
+        back_after = time.monotonic() - resumed
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    stale_snap = next(s for _, s in snaps if s.stale)
+    assert stale_snap.ids == ["inst-0"] and stale_snap.error
+    print(
+        f"\nconsul frozen 10s: stale snapshot after {stale_after:.2f}s; watch fresh again "
+        f"{back_after:.2f}s after resume (with an instance registered after it)"
+    )
+
+
+async def _has(
+    snaps: list[tuple[float, ServiceSnapshot]], *, stale: bool, ids: list[str] | None = None
+) -> bool:
+    return any(s.stale == stale and (ids is None or s.ids == ids) for _, s in snaps)

@@ -103,7 +103,38 @@ def wait_until(
         time.sleep(interval)
 
 
-class ServerProcess(ABC):
+class Launcher(ABC):
+    """Starts server processes and must stop them; a context manager for that reason."""
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start and return once ready."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop every process started; idempotent."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def not_ready(
+    what: str, exc: BaseException, members: Sequence[ServerProcess]
+) -> ServerNotReadyError:
+    """The error for a cluster that did not converge, with each member's last log lines."""
+    logs = "\n".join(f"--- {m.name}:\n{m.log_tail(8)}" for m in members)
+    return ServerNotReadyError(f"{what} not ready: {exc}\n{logs}")
+
+
+class ServerProcess(Launcher):
     """Handle on one server subprocess bound to 127.0.0.1, logging into its working dir.
 
     Ports are fixed at construction, so `restart()` and `start()` after `kill()` bring the
@@ -136,7 +167,7 @@ class ServerProcess(ABC):
     def _probe(self) -> bool:
         """One readiness check; may raise `OSError` while the server is coming up."""
 
-    def _prepare(self) -> None:  # noqa: B027 - optional hook
+    def _prepare(self) -> None:
         """Write config files or certificates into `workdir` before each launch."""
 
     # -- properties ----------------------------------------------------------------------------
@@ -269,17 +300,6 @@ class ServerProcess(ABC):
         if self.alive:
             self._signal_group(signal.SIGCONT)
         self._paused = False
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else "alive" if self.alive else "stopped"

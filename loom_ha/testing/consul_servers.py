@@ -9,14 +9,14 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from ._net import LOCALHOST, free_ports, http_json
 from ._process import (
-    ServerNotReadyError,
+    Launcher,
     ServerProcess,
     find_server_binary,
+    not_ready,
     stop_all,
     wait_until,
 )
@@ -129,7 +129,7 @@ class ConsulAgent(ServerProcess):
         return leader is not None or not self.dev
 
 
-class ConsulCluster:
+class ConsulCluster(Launcher):
     """`size` consul server agents on 127.0.0.1 that elect one leader (`-bootstrap-expect`).
 
     Members are `ConsulAgent`s named server0..N-1; each keeps its ports and data dir across
@@ -213,24 +213,12 @@ class ConsulCluster:
         try:
             wait_until(self._converged, timeout=limit, what="consul leader election")
         except TimeoutError as exc:
-            logs = "\n".join(f"--- {m.name}:\n{m.log_tail(8)}" for m in self.members)
-            raise ServerNotReadyError(f"consul cluster not ready: {exc}\n{logs}") from exc
+            raise not_ready("consul cluster", exc, self.members) from exc
 
     def stop(self) -> None:
         """Stop every member and remove their dirs. Idempotent."""
         stop_all(self.members)
         shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _live(self) -> list[ConsulAgent]:
         return [m for m in self.members if m.alive and not m.paused]

@@ -11,15 +11,15 @@ import ssl
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 from urllib.parse import quote
 
 from ._net import LOCALHOST, free_ports, http_get, http_get_json
 from ._process import (
-    ServerNotReadyError,
+    Launcher,
     ServerProcess,
     find_server_binary,
+    not_ready,
     stop_all,
     wait_until,
 )
@@ -180,7 +180,7 @@ class NatsServer(ServerProcess):
             return True
 
 
-class NatsCluster:
+class NatsCluster(Launcher):
     """`size` routed nats-server nodes on 127.0.0.1 (JetStream by default), named node0..N-1.
 
     A node restarted after `kill()`/`stop()` keeps its ports and JetStream store, so it rejoins.
@@ -266,24 +266,12 @@ class NatsCluster:
         try:
             wait_until(self._converged, timeout=limit, what="NATS routes and JetStream meta leader")
         except TimeoutError as exc:
-            logs = "\n".join(f"--- {n.name}:\n{n.log_tail(8)}" for n in self.nodes)
-            raise ServerNotReadyError(f"NATS cluster not ready: {exc}\n{logs}") from exc
+            raise not_ready("NATS cluster", exc, self.nodes) from exc
 
     def stop(self) -> None:
         """Stop every node and remove their dirs. Idempotent."""
         stop_all(self.nodes)
         shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _converged(self) -> bool:
         live = [n for n in self.nodes if n.alive and not n.paused]

@@ -9,14 +9,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from ._net import LOCALHOST, RespError, RespValue, free_port, free_ports, resp_command
 from ._process import (
-    ServerNotReadyError,
+    Launcher,
     ServerProcess,
     find_server_binary,
+    not_ready,
     stop_all,
     wait_until,
 )
@@ -104,7 +104,7 @@ class RedisSentinel(ServerProcess):
         return self.command("PING", timeout=1.0) == "PONG"
 
 
-class RedisSentinelCluster:
+class RedisSentinelCluster(Launcher):
     """One master, `replicas` replicas and `sentinels` sentinels, all on 127.0.0.1.
 
     Failure detection is tuned for tests (`down_after`=1 s, `failover_timeout`=3 s). `servers[0]`
@@ -233,8 +233,7 @@ class RedisSentinelCluster:
             master = self.master()
             self._wait_replication(master, max(0.1, deadline - time.monotonic()))
         except (TimeoutError, LookupError, ConnectionError) as exc:
-            logs = "\n".join(f"--- {m.name}:\n{m.log_tail(8)}" for m in self.members)
-            raise ServerNotReadyError(f"redis sentinel cluster not ready: {exc}\n{logs}") from exc
+            raise not_ready("redis sentinel cluster", exc, self.members) from exc
 
     def wait_for_failover(
         self, old_master: tuple[str, int], *, timeout: float = 30.0
@@ -258,17 +257,6 @@ class RedisSentinelCluster:
         stop_all(self.sentinels)
         stop_all(self.servers)
         shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _sentinels_agree(self) -> bool:
         live = [s for s in self.sentinels if s.alive and not s.paused]

@@ -26,6 +26,7 @@ from typing import Any
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
+from loom_ha._state import StateCell, StateListener
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import (
     ConfigurationError,
@@ -47,7 +48,6 @@ from loom_ha.transport import (
 
 log = logging.getLogger("loom_ha.ha")
 
-StateListener = Callable[[TransportState], None]
 TransportFactory = Callable[[], Transport]
 
 _LIVE_INNER = (TransportState.CONNECTED,)
@@ -133,13 +133,11 @@ class HATransport(Transport):
         self.capabilities = replace(self._inner.capabilities, dedup=self._dedup is not None)
         self._instance_id = instance_id
         self._health_interval = health_interval
-        self._state = TransportState.NEW
-        self._listeners: list[StateListener] = []
+        self._cell = StateCell("loom_ha.ha")
         self._subs: list[_Subscription] = []
         self._wrappers: dict[Handler, Handler] = {}
         self._tasks = TaskSupervisor("loom_ha.ha")
         self._recovery: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
         self.reconnects = 0
         self.duplicates_dropped = 0
         self.published = 0
@@ -149,7 +147,11 @@ class HATransport(Transport):
     @property
     def state(self) -> TransportState:
         """The current state (see `TransportState`)."""
-        return self._state
+        return self._cell.state
+
+    @property
+    def _state(self) -> TransportState:
+        return self._cell.state
 
     @property
     def inner(self) -> Transport:
@@ -158,28 +160,15 @@ class HATransport(Transport):
 
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Call `listener(new_state)` on every change; returns a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        return self._cell.add_listener(listener)
 
     def _set_state(self, state: TransportState) -> None:
-        if state is self._state:
-            return
-        log.info("HATransport %s -> %s", self._state.value, state.value)
-        self._state = state
-        if state is TransportState.CONNECTED:
-            self._connected.set()
-        else:
-            self._connected.clear()
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:
-                log.exception("state listener %r failed", listener)
+        self._cell.set(state)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the state is CONNECTED (after a reconnect, say)."""
         async with asyncio.timeout(timeout):
-            await self._connected.wait()
+            await self._cell.wait_connected()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -191,7 +180,7 @@ class HATransport(Transport):
         if self._state is TransportState.CLOSED:
             raise TransportClosedError("HATransport is closed")
         if self._state is TransportState.CONNECTING:
-            await self._connected.wait()
+            await self._cell.wait_connected()
             return
         self._tasks.reopen()
         self._set_state(TransportState.CONNECTING)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 
+from loom_ha._state import StateCell, StateListener
 from loom_ha.errors import ConfigurationError, TransportClosedError
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.transport import TransportState
@@ -30,8 +31,6 @@ __all__ = [
 
 log = logging.getLogger("loom_ha.nats")
 
-StateListener = Callable[[TransportState], None]
-"""Told every new state of the connection (called in the event loop; must not block)."""
 
 DEFAULT_SERVERS: tuple[str, ...] = ("nats://127.0.0.1:4222",)
 _SCHEMES = ("nats", "tls")
@@ -164,14 +163,12 @@ class NatsConnection:
     def __init__(self, options: NatsOptions, backend: str) -> None:
         self.options = options
         self.backend = backend
-        self.state = TransportState.NEW
+        self._cell = StateCell(f"loom_ha.{backend}")
         self.reconnects = 0
         self.generation = 0  # bumps on every reconnect: outstanding pulls must be re-issued
         self.last_error: str | None = None
         self.reconnect_attempts = 0  # failed attempts while reconnecting
         self._client: Client | None = None
-        self._listeners: list[StateListener] = []
-        self._connected = asyncio.Event()
         self._closing = False
 
     @property
@@ -190,33 +187,21 @@ class NatsConnection:
             return None
         return f"{url.scheme}://{url.hostname}:{url.port}"
 
+    @property
+    def state(self) -> TransportState:
+        """The connection's current state."""
+        return self._cell.state
+
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Call `listener` on every state change; returns a function that removes it."""
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
+        return self._cell.add_listener(listener)
 
     def _set_state(self, state: TransportState) -> None:
-        if state is self.state:
-            return
-        self.state = state
-        if state is TransportState.CONNECTED:
-            self._connected.set()
-        else:
-            self._connected.clear()
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:
-                log.exception("%s: state listener %r failed", self.backend, listener)
+        self._cell.set(state)
 
     async def wait_connected(self) -> None:
-        """Return once connected (at once if connected now)."""
-        await self._connected.wait()
+        """Return once connected (again)."""
+        await self._cell.wait_connected()
 
     async def open(self) -> None:
         """Connect to the first reachable server within `connect_timeout`.

@@ -1,0 +1,59 @@
+"""StateCell: a transport's current state, its listeners, and a way to wait for CONNECTED.
+
+Shared by every component that reports a `TransportState` (HATransport, the NATS
+connection) so state changes are announced the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from loom_ha.transport import TransportState
+
+log = logging.getLogger("loom_ha.state")
+
+StateListener = Callable[[TransportState], None]
+"""Told every new state (called in the event loop; must not block)."""
+
+
+class StateCell:
+    """Holds one `TransportState` and announces every change."""
+
+    def __init__(self, owner: str, initial: TransportState = TransportState.NEW) -> None:
+        self._owner = owner
+        self.state = initial
+        self._listeners: list[StateListener] = []
+        self._connected = asyncio.Event()
+
+    def add_listener(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener(new_state)` on every change; returns a function that removes it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def set(self, state: TransportState) -> bool:
+        """Move to `state` and tell the listeners; False when nothing changed."""
+        if state is self.state:
+            return False
+        log.info("%s: %s -> %s", self._owner, self.state.value, state.value)
+        self.state = state
+        if state is TransportState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                log.exception("%s: state listener %r failed", self._owner, listener)
+        return True
+
+    async def wait_connected(self) -> None:
+        """Return once the state is CONNECTED."""
+        await self._connected.wait()

@@ -1,0 +1,232 @@
+"""What both Redis transports share: connect/disconnect, codec, dead letters, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from typing_extensions import override
+
+from loom_ha._delivery import LocalDelivery
+from loom_ha.deadletter import DeadLetter
+from loom_ha.errors import ConfigurationError, LoomHAError, SerializationError
+from loom_ha.event import DEFAULT_MAX_SIZE, CloudEvent, EventCodec
+from loom_ha.redis.connection import RedisConnector
+from loom_ha.redis.url import RedisSettings, settings_from
+from loom_ha.retry import RetryPolicy
+from loom_ha.transport import (
+    GroupRule,
+    Transport,
+    TransportState,
+    TransportStatistics,
+    loom_request_groups,
+)
+
+log = logging.getLogger("loom_ha.redis")
+
+DEAD_LETTER_STREAM = "loom:deadletter"
+# Dead letters are kept like events, but bounded so a poison flood cannot fill memory.
+DEAD_LETTER_MAXLEN = 100_000
+
+
+class RedisTransportBase(Transport):
+    """Connection lifecycle and the client-side half shared by the Pub/Sub and Streams modes."""
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        sentinels: Sequence[tuple[str, int]] | None = None,
+        master_name: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        pool_size: int | None = None,
+        socket_timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        publish_timeout: float = 30.0,
+        role_check_interval: float = 1.0,
+        event_class: type[Any] = CloudEvent,
+        max_event_size: int = DEFAULT_MAX_SIZE,
+        dead_letter_stream: str = DEAD_LETTER_STREAM,
+        group_rule: GroupRule | None = loom_request_groups,
+        block_margin: float = 5.0,
+    ) -> None:
+        self.settings: RedisSettings = settings_from(
+            url,
+            sentinels=sentinels,
+            master_name=master_name,
+            username=username,
+            password=password,
+            sentinel_username=sentinel_username,
+            sentinel_password=sentinel_password,
+            ssl_ca_certs=ssl_ca_certs,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            pool_size=pool_size,
+            socket_timeout=socket_timeout,
+        )
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("publish_timeout", publish_timeout),
+            ("role_check_interval", role_check_interval),
+        ):
+            if value <= 0:
+                raise ConfigurationError(f"{self.backend}: {name} must be > 0, got {value}")
+        if not dead_letter_stream:
+            raise ConfigurationError(f"{self.backend}: dead_letter_stream must not be empty")
+        self.codec: EventCodec[Any] = EventCodec(event_class, max_size=max_event_size)
+        self.dead_letter_stream = dead_letter_stream
+        self._connect_timeout = connect_timeout
+        self._role_check_interval = role_check_interval
+        self._block_margin = block_margin
+        self.publish_policy = RetryPolicy(
+            timeout=publish_timeout, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1
+        )
+        self._state = TransportState.NEW
+        self._state_lock = asyncio.Lock()
+        self.local = LocalDelivery(f"loom_ha.{self.backend}", group_rule)
+        self._connector: RedisConnector | None = None
+
+    @property
+    def connector(self) -> RedisConnector:
+        """The live connector (only while connected)."""
+        assert self._connector is not None, "not connected"
+        return self._connector
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @override
+    async def connect(self) -> None:
+        """Connect to the master (found through Sentinel if configured); idempotent.
+
+        Raises:
+            FailoverExhaustedError: no master answered within `connect_timeout`.
+            TransportError: credentials refused.
+        """
+        if self._state is TransportState.CONNECTED:
+            return
+        async with self._state_lock:
+            if self._connected():  # another task connected while we waited
+                return
+            self._state = TransportState.CONNECTING
+            self.local.reopen()
+            connector = RedisConnector(
+                self.settings,
+                owner=f"loom_ha.{self.backend}",
+                block_margin=self._block_margin,
+                role_check_interval=self._role_check_interval,
+            )
+            self._connector = connector
+            try:
+                await connector.start(timeout=self._connect_timeout)
+                await self._start_mode()
+            except BaseException:
+                self._state = TransportState.DISCONNECTED
+                await self._stop_mode()
+                await self.local.close()
+                await connector.close()
+                self._connector = None
+                raise
+            self._state = TransportState.CONNECTED
+
+    @override
+    async def disconnect(self) -> None:
+        """Stop readers, drop subscriptions, close every socket; finishes even when cancelled."""
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+            return
+        self._state = TransportState.DISCONNECTED
+        connector = self._connector
+        try:
+            await self._stop_mode()
+            await self.local.close()  # readers stop while the connector still exists
+        finally:
+            self._connector = None
+            if connector is not None:
+                await connector.close()
+
+    async def _start_mode(self) -> None:
+        """Start mode-specific background work (called inside connect())."""
+
+    @abstractmethod
+    async def _stop_mode(self) -> None:
+        """Stop mode-specific background work and forget subscriptions (idempotent)."""
+
+    # -- shared helpers --------------------------------------------------------------------------
+
+    def decode(self, raw: bytes | None, topic: str, origin: str) -> Any | None:
+        """The event in `raw`, or None after counting it malformed and dead-lettering it."""
+        try:
+            if raw is None:
+                raise SerializationError("no 'event' field in the stream entry")
+            return self.codec.decode(raw)
+        except SerializationError as exc:
+            self.local.counters.malformed += 1
+            log.warning("%s: malformed message on %r: %s", self.backend, topic, exc.reason)
+            letter = DeadLetter(
+                reason=exc.reason, topic=topic, origin=origin, attempts=0, raw=raw or b""
+            )
+            self.local.tasks.spawn(self._dead_letter_quietly(letter), name="dead-letter")
+            return None
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        """Append `letter` to the dead-letter stream (retrying within the publish timeout)."""
+        encoded = self.codec.encode(letter.to_event(source=f"/loom_ha/{self.backend}"))
+        fields: dict[Any, Any] = {b"event": encoded, b"topic": letter.topic.encode()}
+        stream = self.dead_letter_stream
+
+        async def append(client: Any) -> Any:
+            return await client.xadd(stream, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+
+        await self.connector.run(append, policy=self.publish_policy, what="dead letter")
+        self.local.counters.dead_lettered += 1
+
+    async def _dead_letter_quietly(self, letter: DeadLetter) -> None:
+        try:
+            await self.dead_letter(letter)
+        except LoomHAError as exc:
+            log.error("%s: cannot dead-letter from %r: %s", self.backend, letter.topic, exc)
+
+    def _connected(self) -> bool:
+        return self._state is TransportState.CONNECTED
+
+    def _healthy(self) -> bool:
+        return self._connector is not None and self._connector.healthy
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
+
+    @override
+    def statistics(self) -> TransportStatistics:
+        """State (RECONNECTING while the master is being found again), endpoint, counters."""
+        state = self._state
+        if state is TransportState.CONNECTED and not self._healthy():
+            state = TransportState.RECONNECTING
+        connector = self._connector
+        c = self.local.counters
+        return TransportStatistics(
+            backend=self.backend,
+            state=state,
+            endpoint=connector.endpoint if connector else None,
+            subscriptions=len(self.local.table.keys()),
+            handlers=self.local.table.handler_count,
+            queued=self.local.queued(),
+            published=c.published,
+            delivered=c.delivered,
+            handler_errors=c.handler_errors,
+            filtered=c.filtered,
+            malformed=c.malformed,
+            dead_lettered=c.dead_lettered,
+            redelivered=c.redelivered,
+            reconnects=connector.reconnects if connector else 0,
+            extra=self._extra(),
+        )

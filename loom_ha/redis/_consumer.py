@@ -1,0 +1,377 @@
+"""StreamConsumer: one subscription key's reader in streams mode: read, handle, ack, retry, reclaim.
+
+Fan-out keys read with XREAD from a cursor fixed at subscribe time (no history,
+nothing missed across reconnects). Group keys read with XREADGROUP, ack only
+after every handler succeeded, retry a failing handler with the DeliveryPolicy
+backoff (re-claiming the entry so the broker's delivery counter counts it),
+sweep entries idle members left behind with XAUTOCLAIM, and dead-letter an entry
+once its attempts are used up. A lost consumer group (NOGROUP: Redis restarted
+empty) is recreated from the stream's start and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from loom_ha._handlers import Handler, SubscriptionKey
+from loom_ha.deadletter import DeadLetter
+from loom_ha.errors import LoomHAError, TransportError
+from loom_ha.redis.connection import RECONNECT_POLICY, checkpoint
+
+if TYPE_CHECKING:
+    from loom_ha.redis.streams import RedisStreamsTransport
+
+log = logging.getLogger("loom_ha.redis.streams")
+
+MAX_SEQUENCE = 2**64 - 1
+
+
+async def attempt(
+    handler: Handler, topic: str, event: Any, transport: RedisStreamsTransport
+) -> Exception | None:
+    """Call `handler` once; the exception it raised (logged and counted), or None.
+
+    Like `loom_ha._handlers.invoke`, but the exception is returned: a dead letter says why.
+    """
+    counters = transport.local.counters
+    try:
+        result = handler(event)
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:
+        counters.handler_errors += 1
+        log.exception(
+            "handler %r failed on topic %r, event id %r", handler, topic, getattr(event, "id", None)
+        )
+        return exc
+    counters.delivered += 1
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StreamConsumer:
+    """Reads the streams of one subscription key and delivers them to its handlers."""
+
+    def __init__(self, transport: RedisStreamsTransport, key: SubscriptionKey) -> None:
+        self.t = transport
+        self.key = key
+        self.group = key.group
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._retries: set[asyncio.Task[None]] = set()
+        self._cursors: dict[bytes, str] = {}  # stream -> last id read (fan-out) or ">" (group)
+        self._start_id = "0-0"
+        self._inflight: set[tuple[bytes, bytes]] = set()
+        self._acks: dict[bytes, list[bytes]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Entries being retried (not yet acknowledged)."""
+        return len(self._inflight)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Fix the start position in Redis (once), then start reading."""
+        if self._task is not None:
+            return
+        async with self._lock:
+            if self._task is not None:
+                return
+            await self._prepare()
+            self._task = self.t.local.tasks.spawn(self._run(), name=f"consumer:{self.key.raw}")
+
+    async def stop(self) -> None:
+        """Stop reading and retrying; unacknowledged group entries stay pending for others."""
+        tasks = [*self._retries, *([self._task] if self._task else [])]
+        self._retries.clear()
+        self._task = None
+        for task in tasks:
+            await self.t.local.tasks.cancel(task)
+
+    async def _prepare(self) -> None:
+        seconds, micros = await self._call(lambda c: c.time(), "TIME")
+        millis = int(seconds) * 1000 + int(micros) // 1000
+        # Everything appended from this millisecond on (XREAD returns ids > the cursor).
+        self._start_id = f"{millis - 1}-{MAX_SEQUENCE}"
+        if self.key.pattern.is_wildcard:
+            await self._discover(force=True, initial=True)
+        else:
+            await self._add_stream(self.t.stream_key(self.key.pattern.fixed), initial=True)
+
+    async def _add_stream(self, stream: bytes, *, initial: bool = False) -> None:
+        """Start reading `stream`: at its end if it existed when we subscribed, else from then.
+
+        Streams a wildcard finds later start where the subscription started, so
+        nothing published in between is skipped.
+        """
+        if self.group is not None:
+            await self._create_group(stream, "$" if initial else self._start_id)
+            self._cursors[stream] = ">"
+            return
+        start = self._start_id
+        if initial:
+            last = await self._call(lambda c: c.xrevrange(stream, count=1), "XREVRANGE")
+            if last:
+                start = _text(last[0][0])
+        self._cursors[stream] = start
+
+    async def _create_group(self, stream: bytes, start: str) -> bool:
+        group = self.group
+        assert group is not None
+
+        async def create(client: Any) -> Any:
+            return await client.xgroup_create(stream, group, id=start, mkstream=True)
+
+        try:
+            await self._call(create, "XGROUP CREATE")
+        except TransportError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    async def _discover(self, *, force: bool = False, initial: bool = False) -> None:
+        for stream in await self.t.known_streams(fresh=force):
+            if stream not in self._cursors and self.key.pattern.matches(self.t.topic_of(stream)):
+                await self._add_stream(stream, initial=initial)
+
+    async def _call(self, operation: Any, what: str, *, blocking: bool = False) -> Any:
+        """Run a command on the master, waiting through failovers (never gives up)."""
+        return await self.t.connector.run(
+            operation, policy=RECONNECT_POLICY, what=what, blocking=blocking
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        t = self.t
+        wildcard = self.key.pattern.is_wildcard
+        next_discovery = time.monotonic() + t.discovery_interval
+        next_claim = time.monotonic() + t.claim_interval
+        while True:
+            checkpoint()
+            try:
+                now = time.monotonic()
+                if wildcard and now >= next_discovery:
+                    await self._discover()
+                    next_discovery = now + t.discovery_interval
+                if self.group is not None and now >= next_claim:
+                    await self._reclaim()
+                    next_claim = now + t.claim_interval
+                if not self._cursors:  # a wildcard with no matching stream yet
+                    await asyncio.sleep(t.discovery_interval)
+                    continue
+                reply = await self._read(wildcard)
+                for stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        checkpoint()
+                        await self._handle(stream, entry_id, fields, deliveries=1)
+                        if self.group is None:
+                            self._cursors[stream] = _text(entry_id)
+                await self._flush_acks()
+            except TransportError as exc:
+                if self.group is not None and "NOGROUP" in str(exc):
+                    await self._recreate_groups()
+                    continue
+                log.error("redis-streams consumer %r: %s", self.key.raw, exc)
+                await asyncio.sleep(1.0)  # a non-transient error: do not spin
+
+    async def _read(self, wildcard: bool) -> Any:
+        t = self.t
+        block = int(min(t.block, t.discovery_interval) * 1000 if wildcard else t.block * 1000)
+        cursors = dict(self._cursors)
+        if self.group is None:
+            return await self._call(
+                lambda c: c.xread(cursors, count=t.batch, block=block), "XREAD", blocking=True
+            )
+        group, consumer = self.group, t.consumer_name
+        return await self._call(
+            lambda c: c.xreadgroup(group, consumer, cursors, count=t.batch, block=block),
+            "XREADGROUP",
+            blocking=True,
+        )
+
+    async def _recreate_groups(self) -> None:
+        """NOGROUP: Redis lost the group (restarted without persistence?): recreate and report."""
+        for stream in list(self._cursors):
+            if await self._create_group(stream, "0"):
+                self.t.groups_recreated += 1
+                log.warning(
+                    "redis-streams: consumer group %r of %r was gone (Redis restarted without "
+                    "persistence?); recreated from the stream's start: events appended before "
+                    "the loss and not yet delivered are lost",
+                    self.group,
+                    self.t.topic_of(stream),
+                )
+
+    # -- one entry -------------------------------------------------------------------------------
+
+    async def _handle(
+        self, stream: bytes, entry_id: bytes, fields: dict[bytes, bytes] | None, *, deliveries: int
+    ) -> None:
+        t = self.t
+        if (stream, entry_id) in self._inflight:
+            return  # being retried by this consumer already
+        topic = t.topic_of(stream)
+        origin = f"{t.backend}:{topic}:{self.group or '(fan-out)'}:{t.consumer_name}"
+        if not fields:
+            t.trimmed += 1
+            self._ack(stream, entry_id)
+            return
+        raw = fields.get(b"event")
+        event = t.decode(raw, topic, origin)
+        if event is None:
+            self._ack(stream, entry_id)
+            return
+        if t.policy.exhausted(deliveries - 1):
+            await t.dead_letter(
+                DeadLetter(
+                    reason=f"delivered {deliveries - 1} times without an ack (consumers died "
+                    "or stalled while handling it)",
+                    topic=topic,
+                    origin=origin,
+                    attempts=deliveries - 1,
+                    raw=raw or b"",
+                )
+            )
+            self._ack(stream, entry_id)
+            return
+        failed: list[tuple[Handler, Exception]] = []
+        for handler in t.local.table.recipients(self.key, topic):
+            error = await attempt(handler, topic, event, t)
+            if error is not None:
+                failed.append((handler, error))
+        if not failed:
+            self._ack(stream, entry_id)
+            return
+        self._inflight.add((stream, entry_id))
+        task = t.local.tasks.spawn(
+            self._retry(stream, entry_id, topic, event, raw or b"", failed, deliveries, origin),
+            name=f"retry:{self.key.raw}",
+        )
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(
+        self,
+        stream: bytes,
+        entry_id: bytes,
+        topic: str,
+        event: Any,
+        raw: bytes,
+        failed: list[tuple[Handler, Exception]],
+        deliveries: int,
+        origin: str,
+    ) -> None:
+        """Retry each failed handler with backoff; dead-letter when its attempts are used up."""
+        t = self.t
+        try:
+            for handler, first_error in failed:
+                count, error = deliveries, first_error
+                while True:
+                    if t.policy.exhausted(count):
+                        await t.dead_letter(
+                            DeadLetter(
+                                reason=f"{type(error).__name__}: {error}",
+                                topic=topic,
+                                origin=origin,
+                                attempts=count,
+                                raw=raw,
+                            )
+                        )
+                        break
+                    await asyncio.sleep(t.policy.backoff(count))
+                    checkpoint()
+                    count += 1
+                    if self.group is not None and not await self._claim(stream, entry_id, count):
+                        return  # acknowledged or taken over meanwhile: not ours anymore
+                    t.local.counters.redelivered += 1
+                    retry_error = await attempt(handler, topic, event, t)
+                    if retry_error is None:
+                        break
+                    error = retry_error
+            if self.group is not None:
+                await self._xack(stream, [entry_id])
+        finally:
+            self._inflight.discard((stream, entry_id))
+
+    async def _claim(self, stream: bytes, entry_id: bytes, count: int) -> bool:
+        """Keep the entry ours and make the broker's delivery counter say `count`."""
+        group, consumer = self.group, self.t.consumer_name
+
+        async def claim(client: Any) -> Any:
+            return await client.xclaim(
+                stream, group, consumer, 0, [entry_id], retrycount=count, justid=True
+            )
+
+        return bool(await self._call(claim, "XCLAIM"))
+
+    # -- acks and reclaiming -----------------------------------------------------------------------
+
+    def _ack(self, stream: bytes, entry_id: bytes) -> None:
+        if self.group is not None:
+            self._acks.setdefault(stream, []).append(entry_id)
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for stream, ids in acks.items():
+            await self._xack(stream, ids)
+
+    async def _xack(self, stream: bytes, ids: list[bytes]) -> None:
+        group = self.group
+        assert group is not None
+        try:
+            await self.t.connector.run(
+                lambda c: c.xack(stream, group, *ids), policy=self.t.publish_policy, what="XACK"
+            )
+        except LoomHAError as exc:  # not acknowledged: redelivered later (at-least-once)
+            log.warning("redis-streams: XACK of %d entries failed: %s", len(ids), exc)
+
+    async def _reclaim(self) -> None:
+        """Take over entries other (dead or stalled) members left pending for too long."""
+        t = self.t
+        group, consumer = self.group, t.consumer_name
+        idle_ms = int(t.claim_idle * 1000)
+        for stream in list(self._cursors):
+            start: Any = "0-0"
+            while True:
+
+                async def sweep(client: Any, start: Any = start, stream: bytes = stream) -> Any:
+                    return await client.xautoclaim(
+                        stream, group, consumer, idle_ms, start_id=start, count=t.batch
+                    )
+
+                next_start, entries, *rest = await self._call(sweep, "XAUTOCLAIM")
+                t.trimmed += len(rest[0]) if rest else 0
+                counts = await self._delivery_counts(stream, entries)
+                for entry_id, fields in entries:
+                    if (stream, entry_id) in self._inflight:
+                        continue
+                    t.local.counters.redelivered += 1
+                    await self._handle(stream, entry_id, fields, deliveries=counts.get(entry_id, 2))
+                await self._flush_acks()
+                if _text(next_start) == "0-0":
+                    break
+                start = next_start
+
+    async def _delivery_counts(self, stream: bytes, entries: list[Any]) -> dict[bytes, int]:
+        if not entries:
+            return {}
+        group, consumer = self.group, self.t.consumer_name
+        first, last = entries[0][0], entries[-1][0]
+
+        async def pending(client: Any) -> Any:
+            return await client.xpending_range(
+                stream, group, min=first, max=last, count=len(entries), consumername=consumer
+            )
+
+        rows = await self._call(pending, "XPENDING")
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}

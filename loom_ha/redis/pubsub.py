@@ -1,0 +1,324 @@
+"""RedisPubSubTransport: Loom topics over Redis Pub/Sub (at-most-once, lowest latency).
+
+One command pool and one listener connection per transport. Exact topics use
+SUBSCRIBE, wildcard patterns the narrowest PSUBSCRIBE glob, filtered exactly by
+the shared matcher. Every (P)SUBSCRIBE is confirmed by the server before
+`subscribe()` returns, and re-sent after any reconnect or master switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+from typing_extensions import override
+
+from loom_ha._handlers import Handler, SubscriptionKey
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    LoomHAError,
+    UnsupportedCapabilityError,
+)
+from loom_ha.redis._base import RedisTransportBase
+from loom_ha.redis._errors import map_redis_errors
+from loom_ha.redis.connection import RECONNECT_POLICY, checkpoint
+from loom_ha.topics import PatternKind, TopicPattern, validate_topic
+from loom_ha.transport import Capabilities, require_connected
+
+log = logging.getLogger("loom_ha.redis.pubsub")
+
+Native = tuple[bool, bytes]  # (is a PSUBSCRIBE pattern, channel or glob)
+
+_GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+
+def glob_escape(raw: bytes) -> bytes:
+    """Escape Redis glob metacharacters so `raw` matches only itself."""
+    out = bytearray()
+    for byte in raw:
+        if byte in _GLOB_SPECIAL:
+            out.append(0x5C)  # backslash
+        out.append(byte)
+    return bytes(out)
+
+
+def wire(text: str) -> bytes:
+    """A topic (any str, lone surrogates included) as channel bytes; reversed by `unwire`."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def unwire(raw: bytes) -> str:
+    """Channel bytes back to the topic."""
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def native_subscription(pattern: TopicPattern, prefix: bytes) -> Native:
+    """The narrowest Redis subscription covering `pattern` under the channel `prefix`."""
+    fixed = wire(pattern.fixed)
+    kind = pattern.kind
+    if kind is PatternKind.EXACT:
+        return (False, prefix + fixed)
+    if kind is PatternKind.PREFIX:
+        return (True, glob_escape(prefix + fixed) + b"*")
+    if kind is PatternKind.SUFFIX:
+        return (True, glob_escape(prefix) + b"*" + glob_escape(fixed))
+    return (True, glob_escape(prefix) + b"*")
+
+
+class RedisPubSubTransport(RedisTransportBase):
+    """Loom topics over Redis Pub/Sub: at-most-once, fan-out only.
+
+    Redis Pub/Sub has no competing consumers: an explicit ``group=`` raises
+    `UnsupportedCapabilityError`, and groups made by the default rule
+    (``node.request/<node>``) are treated as fan-out, with a warning logged once.
+    Use `RedisStreamsTransport` when several instances of a node run.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``redis+sentinel://`` (see `loom_ha.redis.url`).
+        channel_prefix: prepended to every topic to form the channel name.
+        health_check_interval: an idle listener PINGs after this many seconds and
+            reconnects when the PONG does not come within the same time again.
+        subscribe_timeout: how long `subscribe()` waits for the server's confirmation.
+        **options: connection and codec options shared with `RedisStreamsTransport`.
+    """
+
+    backend = "redis-pubsub"
+    capabilities = Capabilities(
+        persistent=False,
+        ordered=True,
+        at_least_once=False,
+        competing_consumers=False,
+        replays_history=False,
+        native_wildcards=True,
+        dedup=False,
+        cross_instance=True,
+    )
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        channel_prefix: str = "loom:",
+        health_check_interval: float = 1.0,
+        subscribe_timeout: float = 10.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, **options)
+        if health_check_interval <= 0 or subscribe_timeout <= 0:
+            raise ConfigurationError(
+                "redis-pubsub: health_check_interval and subscribe_timeout must be > 0"
+            )
+        self.channel_prefix = wire(channel_prefix)
+        self._health_interval = health_check_interval
+        self._subscribe_timeout = subscribe_timeout
+        self._natives: dict[Native, SubscriptionKey] = {}
+        self._confirmed: dict[Native, asyncio.Event] = {}
+        self._conn: AbstractConnection | None = None
+        self._listening = False
+        self._send_lock = asyncio.Lock()
+        self._sub_lock = asyncio.Lock()
+        self._warned_groups = False
+        self._listener: asyncio.Task[None] | None = None
+        self._last_reply = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @override
+    async def _start_mode(self) -> None:
+        self._listener = self.local.tasks.spawn(self._listen(), name="listener")
+
+    @override
+    async def _stop_mode(self) -> None:
+        self._natives.clear()
+        self._confirmed.clear()
+        self._listener = None  # cancelled with the other tasks by local.close()
+
+    # -- Transport -------------------------------------------------------------------------------
+
+    @override
+    async def publish(self, topic: str, event: Any) -> None:
+        """PUBLISH `event`; retried while the master is away, up to `publish_timeout`.
+
+        At-most-once: an event is lost when nobody is subscribed at that moment.
+        """
+        require_connected(self._state, self.backend)
+        validate_topic(topic)
+        data = self.codec.encode(event)
+        channel = self.channel_prefix + wire(topic)
+
+        async def send(client: Any) -> Any:
+            return await client.publish(channel, data)
+
+        await self.connector.run(send, policy=self.publish_policy, what=f"PUBLISH {topic!r}")
+        self.local.counters.published += 1
+
+    @override
+    async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
+        """Subscribe; returns once Redis confirmed the (P)SUBSCRIBE.
+
+        Raises:
+            UnsupportedCapabilityError: `group` was given (Pub/Sub cannot compete).
+            ConnectionLostError: no confirmation within `subscribe_timeout`.
+        """
+        require_connected(self._state, self.backend)
+        if group is not None:
+            raise UnsupportedCapabilityError(
+                "redis-pubsub has no competing consumers (group=): use RedisStreamsTransport"
+            )
+        if self.local.resolve_group(topic, None) is not None and not self._warned_groups:
+            self._warned_groups = True
+            log.warning(
+                "redis-pubsub: %r would join a competing-consumer group under the default "
+                "rule; Pub/Sub delivers it to every instance instead (use redis streams "
+                "mode to have one instance handle each request)",
+                topic,
+            )
+        key, is_new = self.local.add(topic, handler, None)
+        native = native_subscription(key.pattern, self.channel_prefix)
+        if is_new:
+            self._natives[native] = key
+            self._confirmed[native] = asyncio.Event()
+        try:
+            confirmed = self._confirmed[native]
+            if is_new:
+                # Sent under the lock so it cannot interleave with the listener's restore;
+                # while the listener is down the restore sends it instead.
+                async with self._sub_lock:
+                    if self._listening:
+                        verb = "PSUBSCRIBE" if native[0] else "SUBSCRIBE"
+                        await self._send_quietly(verb, native[1])
+            async with asyncio.timeout(self._subscribe_timeout):
+                await confirmed.wait()
+        except BaseException as exc:
+            await self.unsubscribe(topic, handler)
+            if isinstance(exc, TimeoutError):
+                raise ConnectionLostError(
+                    f"redis-pubsub: subscribe to {topic!r} not confirmed within "
+                    f"{self._subscribe_timeout}s"
+                ) from None
+            raise
+
+    @override
+    async def unsubscribe(self, topic: str, handler: Handler) -> None:
+        """Drop the subscription; the native one goes when its last handler left."""
+        for key in await self.local.remove(topic, handler):
+            native = native_subscription(key.pattern, self.channel_prefix)
+            self._natives.pop(native, None)
+            self._confirmed.pop(native, None)
+            async with self._sub_lock:
+                if self._listening:
+                    verb = "PUNSUBSCRIBE" if native[0] else "UNSUBSCRIBE"
+                    await self._send_quietly(verb, native[1])
+
+    # -- the listener ----------------------------------------------------------------------------
+
+    async def _send_quietly(self, *args: bytes | str) -> None:
+        """Send on the listener connection; a failure is the listener's to notice and repair."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            async with self._send_lock:
+                with map_redis_errors("redis-pubsub send"):
+                    await conn.send_command(*args, check_health=False)
+        except LoomHAError as exc:
+            log.debug("redis-pubsub: send failed (the listener reconnects): %s", exc)
+
+    async def _listen(self) -> None:
+        """Own the listener connection: connect, restore subscriptions, read; forever."""
+        while True:
+            checkpoint()
+            conn, generation = await RECONNECT_POLICY.call(self.connector.dedicated)
+            try:
+                await self._serve(conn)
+            except (LoomHAError, OSError) as exc:
+                log.warning("redis-pubsub: listener connection lost: %s", exc)
+                await self.connector.lost(generation, exc)
+            finally:
+                self._listening = False
+                self._conn = None
+                await self.connector.release(conn)
+
+    async def _serve(self, conn: AbstractConnection) -> None:
+        async with self._sub_lock:  # no subscribe() may interleave with the restore
+            self._conn = conn
+            channels = [n[1] for n in self._natives if not n[0]]
+            patterns = [n[1] for n in self._natives if n[0]]
+            with map_redis_errors("redis-pubsub restore"):
+                if channels:
+                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+                if patterns:
+                    await conn.send_command("PSUBSCRIBE", *patterns, check_health=False)
+            self._listening = True
+        await self._read(conn)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        prefix_len = len(self.channel_prefix)
+        natives, local = self._natives, self.local
+        loop = asyncio.get_running_loop()
+        watchdog = local.tasks.spawn(self._watch(conn), name="listener-watchdog")
+        try:
+            while True:
+                # Unbounded read: the watchdog bounds it (a per-read timeout costs a timer
+                # per message and, on Python 3.11, can swallow a cancellation).
+                with map_redis_errors("redis-pubsub read"):
+                    reply = await conn.read_response(timeout=math.inf)
+                checkpoint()
+                self._last_reply = loop.time()
+                self._dispatch(reply, natives, local, prefix_len)
+        finally:
+            await local.tasks.cancel(watchdog)
+
+    async def _watch(self, conn: AbstractConnection) -> None:
+        """PING an idle listener; close the connection when even the PONG does not come.
+
+        A half-open connection (dapr #852) then fails the read, and the listener
+        reconnects instead of waiting forever.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self._health_interval
+        self._last_reply = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            idle = loop.time() - self._last_reply
+            if idle >= 2 * interval:
+                log.warning("redis-pubsub: no reply for %.1fs: dropping the connection", idle)
+                await conn.disconnect(nowait=True)
+                return
+            if idle >= interval:
+                await self._send_quietly("PING")
+
+    def _dispatch(
+        self, reply: Any, natives: dict[Native, SubscriptionKey], local: Any, prefix_len: int
+    ) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            key = natives.get((False, reply[1]))
+            channel, data = reply[1], reply[2]
+        elif kind == b"pmessage":
+            key = natives.get((True, reply[1]))
+            channel, data = reply[2], reply[3]
+        else:
+            if kind in (b"subscribe", b"psubscribe"):
+                waiter = self._confirmed.get((kind == b"psubscribe", reply[1]))
+                if waiter is not None:
+                    waiter.set()
+            return
+        if key is None:
+            return  # unsubscribed meanwhile
+        topic = unwire(channel[prefix_len:])
+        event = self.decode(data, topic, f"{self.backend}:{unwire(channel)}")
+        if event is not None:
+            local.dispatch(key, topic, event)
+
+    @override
+    def _healthy(self) -> bool:
+        return super()._healthy() and self._listening
+
+    @override
+    def _extra(self) -> dict[str, Any]:
+        return {"native_subscriptions": len(self._natives), "listening": self._listening}

@@ -1,0 +1,158 @@
+"""RedisStreamsTransport behaviour beyond the conformance suite: retries, dead letters, groups."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from _redis_helpers import eventually
+
+from loom_ha.deadletter import DeadLetter
+from loom_ha.event import CloudEvent, EventCodec
+from loom_ha.policy import DeliveryPolicy
+from loom_ha.redis import RedisStreamsTransport
+from loom_ha.testing.collect import Collector, assert_all_received
+from loom_ha.testing.servers import RedisServer
+
+pytestmark = pytest.mark.redis
+
+FAST = DeliveryPolicy(max_deliveries=3, backoff_initial=0.01, backoff_max=0.05)
+
+
+def _event(n: int = 0) -> CloudEvent:
+    return CloudEvent.create(source="/test", type="t", data={"n": n})
+
+
+async def _dead_letters(raw: aioredis.Redis, stream: str) -> list[DeadLetter]:
+    return [
+        DeadLetter.from_event(EventCodec().decode(f[b"event"])) for _, f in await raw.xrange(stream)
+    ]
+
+
+@pytest.mark.parametrize("group", [None, "workers"])
+async def test_failing_handler_is_retried_then_dead_lettered_with_why(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str, group: str | None
+) -> None:
+    """A handler that keeps failing gets max_deliveries attempts, then it is dead-lettered."""
+    calls: list[str] = []
+    dead = tag + "dead"
+
+    async def broken(event: Any) -> None:
+        calls.append(event.id)
+        raise ValueError("cannot handle this")
+
+    async with RedisStreamsTransport(redis_server.url, policy=FAST, dead_letter_stream=dead) as t:
+        await t.subscribe(tag + "x", broken, group=group)
+        sent = _event()
+        await t.publish(tag + "x", sent)
+        await eventually(lambda: t.statistics().dead_lettered >= 1)
+        stats = t.statistics()
+    assert calls == [sent.id] * 3 and stats.redelivered == 2
+    (letter,) = await _dead_letters(raw, dead)
+    assert letter.attempts == 3 and "ValueError: cannot handle this" in letter.reason
+    assert letter.topic == tag + "x" and letter.original(EventCodec()).id == sent.id
+    if group is not None:
+        assert (await raw.xpending(f"loom:stream:{tag}x", group))["pending"] == 0
+
+
+async def test_handler_succeeding_on_retry_is_acked_once(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str
+) -> None:
+    """A handler that fails once and then succeeds leaves nothing pending and no dead letter."""
+    calls: list[str] = []
+
+    async def flaky(event: Any) -> None:
+        calls.append(event.id)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+
+    async with RedisStreamsTransport(redis_server.url, policy=FAST) as t:
+        await t.subscribe(tag + "x", flaky, group="g")
+        await t.publish(tag + "x", _event())
+        await eventually(lambda: len(calls) == 2 and t.statistics().extra["in_flight"] == 0)
+        assert t.statistics().dead_lettered == 0
+    assert (await raw.xpending(f"loom:stream:{tag}x", "g"))["pending"] == 0
+
+
+async def test_malformed_entries_are_dead_lettered_and_consumption_goes_on(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str
+) -> None:
+    """An entry that is not a CloudEvent is counted and dead-lettered; the next one arrives."""
+    got = Collector()
+    dead = tag + "dead"
+    async with RedisStreamsTransport(redis_server.url, dead_letter_stream=dead) as t:
+        await t.subscribe(tag + "x", got, group="g")
+        await raw.xadd(f"loom:stream:{tag}x", {"event": b"\xff\xfe garbage"})
+        await raw.xadd(f"loom:stream:{tag}x", {"other": b"field"})
+        sent = _event()
+        await t.publish(tag + "x", sent)
+        await got.wait_for(1)
+        await eventually(lambda: t.statistics().dead_lettered >= 2)
+        assert t.statistics().malformed == 2
+    assert got.ids == [sent.id]
+    reasons = [letter.reason for letter in await _dead_letters(raw, dead)]
+    assert any("JSON" in r for r in reasons) and any("no 'event' field" in r for r in reasons)
+
+
+async def test_fan_out_subscribers_do_not_replay_history(
+    redis_server: RedisServer, tag: str
+) -> None:
+    """Events stored before a fan-out or new-group subscription are not delivered to it."""
+    fan, grouped = Collector("fan"), Collector("grouped")
+    async with RedisStreamsTransport(redis_server.url) as t:
+        await t.publish(tag + "x", _event(-1))
+        await t.subscribe(tag + "x", fan)
+        await t.subscribe(tag + "x", grouped, group="fresh")
+        sent = _event(1)
+        await t.publish(tag + "x", sent)
+        await fan.wait_for(1)
+        await grouped.wait_for(1)
+        await asyncio.sleep(0.1)
+    assert fan.ids == [sent.id] and grouped.ids == [sent.id]
+
+
+async def test_wildcards_pick_up_streams_created_later(redis_server: RedisServer, tag: str) -> None:
+    """A wildcard subscription finds topics first published after it subscribed, missing nothing."""
+    fan, grouped = Collector("fan"), Collector("grouped")
+    async with RedisStreamsTransport(redis_server.url, discovery_interval=0.2) as t:
+        await t.subscribe(tag + "*", fan)
+        await t.subscribe("*" + tag[:-1], grouped, group="g")
+        sent = []
+        for topic in (tag + "new/a", tag + "new/b"):
+            event = _event()
+            await t.publish(topic, event)
+            sent.append(event.id)
+        suffixed = _event()
+        await t.publish("x/" + tag[:-1], suffixed)
+        await fan.wait_for(2)
+        await grouped.wait_for(1)
+    assert_all_received(sent, fan.ids)
+    assert grouped.ids == [suffixed.id]
+
+
+async def test_lost_group_is_recreated_and_reported(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str
+) -> None:
+    """When the consumer group vanishes (NOGROUP) it is recreated, counted, and reading resumes."""
+    got = Collector()
+    async with RedisStreamsTransport(redis_server.url, block=0.2) as t:
+        await t.subscribe(tag + "x", got, group="g")
+        await raw.delete(f"loom:stream:{tag}x")
+        sent = _event()
+        await t.publish(tag + "x", sent)
+        await got.wait_for(1)
+        assert t.statistics().extra["groups_recreated"] >= 1
+    assert got.ids == [sent.id]
+
+
+async def test_streams_are_capped_approximately(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str
+) -> None:
+    """XADD trims each stream to about `maxlen` entries."""
+    async with RedisStreamsTransport(redis_server.url, maxlen=10) as t:
+        for n in range(500):
+            await t.publish(tag + "x", _event(n))
+    assert await raw.xlen(f"loom:stream:{tag}x") < 500
+    assert await raw.sismember("loom:streams", f"loom:stream:{tag}x")

@@ -18,6 +18,7 @@ from loom_ha._delivery import LocalDelivery
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import TransportClosedError
 from loom_ha.event import CloudEvent, EventCodec, loom_event_class
+from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import (
     DEFAULT_SERVERS,
     ConnectionOptions,
@@ -169,6 +170,18 @@ class NatsTransportBase(Transport):
             return self.subjects.topic(subject)
         except ValueError:
             return subject
+
+    @override
+    async def ping(self) -> None:
+        """A PING/PONG round trip with the server the client is connected to.
+
+        Raises:
+            ConnectionLostError: the server does not answer (reconnecting).
+            NotConnectedError: `connect()` was never called.
+        """
+        require_connected(self._conn.state, self.backend_name)
+        with map_nats_errors(what="ping"):
+            await self._conn.client.flush(timeout=self.options.connect_timeout)  # type: ignore[arg-type]
 
     @override
     def statistics(self) -> TransportStatistics:

@@ -12,7 +12,13 @@ from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
 from loom_ha.deadletter import DeadLetter
-from loom_ha.errors import ConfigurationError, LoomHAError, SerializationError
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    FailoverExhaustedError,
+    LoomHAError,
+    SerializationError,
+)
 from loom_ha.event import DEFAULT_MAX_SIZE, CloudEvent, EventCodec
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.url import RedisSettings, settings_from
@@ -23,6 +29,7 @@ from loom_ha.transport import (
     TransportState,
     TransportStatistics,
     loom_request_groups,
+    require_connected,
 )
 
 log = logging.getLogger("loom_ha.redis")
@@ -195,6 +202,25 @@ class RedisTransportBase(Transport):
             await self.dead_letter(letter)
         except LoomHAError as exc:
             log.error("%s: cannot dead-letter from %r: %s", self.backend, letter.topic, exc)
+
+    @override
+    async def ping(self) -> None:
+        """PING the master once; a lost master is found again (Sentinel asked) on the way.
+
+        Raises:
+            ConnectionLostError: no master answers right now.
+            NotConnectedError: `connect()` was never called.
+        """
+        require_connected(self._state, self.backend)
+        once = RetryPolicy(attempts=1, wait_initial=0, wait_max=0, wait_jitter=0)
+
+        async def ping(client: Any) -> Any:
+            return await client.ping()
+
+        try:
+            await self.connector.run(ping, policy=once, what="PING")
+        except FailoverExhaustedError as exc:
+            raise ConnectionLostError(f"{self.backend}: no master answers: {exc}") from exc
 
     def _connected(self) -> bool:
         return self._state is TransportState.CONNECTED

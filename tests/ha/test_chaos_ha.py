@@ -98,8 +98,9 @@ async def test_full_outage_fail_fast_every_publish_arrives_or_raises(server_laun
             what=lambda: f"{len(set(accepted) - set(got.ids))} accepted events missing",
         )
     print(f"fail_fast: accepted={len(accepted)} refused={len(refused)} received={len(got.ids)}")
+    # (accepted ⊆ received was waited for above; a refused event may still have been
+    # written before the connection broke, which at-least-once allows.)
     assert refused, "the outage should have refused some publishes"
-    assert not set(refused) & set(got.ids) or True  # a refused one may still have been written
 
 
 @pytest.mark.redis

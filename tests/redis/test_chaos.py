@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from _redis_helpers import eventually
 
 from loom_ha.errors import TransportError
 from loom_ha.event import CloudEvent
@@ -20,6 +19,8 @@ from loom_ha.testing.collect import Collector, delivery_report
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisSentinelCluster
 from loom_ha.transport import TransportState
+
+from ._redis_helpers import eventually
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.timeout(150)]
 

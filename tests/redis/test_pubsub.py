@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from _redis_helpers import eventually
 
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import UnsupportedCapabilityError
@@ -16,6 +15,8 @@ from loom_ha.redis.pubsub import glob_escape
 from loom_ha.testing.collect import Collector
 from loom_ha.testing.servers import RedisServer
 from loom_ha.transport import TransportState
+
+from ._redis_helpers import eventually
 
 pytestmark = pytest.mark.redis
 

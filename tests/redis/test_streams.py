@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from _redis_helpers import eventually
 
 from loom_ha.deadletter import DeadLetter
 from loom_ha.event import CloudEvent, EventCodec
@@ -15,6 +14,8 @@ from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis import RedisStreamsTransport
 from loom_ha.testing.collect import Collector, assert_all_received
 from loom_ha.testing.servers import RedisServer
+
+from ._redis_helpers import eventually
 
 pytestmark = pytest.mark.redis
 

@@ -8,7 +8,7 @@ from typing import Any
 from loom_ha.bench.core import BenchRow, measure_latency, measure_throughput
 
 
-def _loom_event_factory() -> Callable[[int], Any]:
+def loom_event_factory() -> Callable[[int], Any]:
     from loom_ha.event import loom_event_class
 
     cls = loom_event_class()
@@ -23,7 +23,7 @@ async def memory_rows(events: int, pings: int) -> list[BenchRow]:
     """loom-ha's InMemoryTransport beside loom-agent's own in-memory transport."""
     from loom_ha.memory import InMemoryTransport
 
-    make_event = _loom_event_factory()
+    make_event = loom_event_factory()
     baseline_factory: Callable[[], Any] | None
     try:
         from loom.infra.transport.memory import InMemoryTransport as LoomMemory

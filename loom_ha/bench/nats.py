@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loom_ha.bench.core import BenchRow, measure_latency, measure_throughput
-from loom_ha.bench.memory import _loom_event_factory
+from loom_ha.bench.memory import loom_event_factory
 
 RAW = "raw nats-py (same work, same codec)"
 
@@ -197,7 +197,7 @@ async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRo
     from loom_ha.event import EventCodec, loom_event_class
     from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
 
-    make_event = _loom_event_factory()
+    make_event = loom_event_factory()
     codec: EventCodec[Any] = EventCodec(loom_event_class())
     rows: list[BenchRow] = []
 

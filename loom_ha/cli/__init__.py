@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput and latency against a baseline")
     bench.add_argument("--transport", choices=["memory", "redis", "nats", "all"], default="memory")
     bench.add_argument("--url", default=None, help="broker URL (default: start a local server)")
+    bench.add_argument("--ha", action="store_true", help="add HATransport-vs-bare rows")
     bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")
     bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
     chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 events=args.events,
                 pings=args.pings,
                 url=args.url,
+                ha=args.ha,
             )
         )
     if args.command == "chaos":

@@ -22,7 +22,13 @@ def render(console: Console, rows: list[BenchRow], title: str) -> None:
 
 
 async def run_bench(
-    console: Console, *, transport: str, events: int, pings: int, url: str | None = None
+    console: Console,
+    *,
+    transport: str,
+    events: int,
+    pings: int,
+    url: str | None = None,
+    ha: bool = False,
 ) -> int:
     """Measure and print; returns an exit code.
 
@@ -39,6 +45,8 @@ async def run_bench(
         rows += await _with_server("redis", url, events, pings)
     if "nats" in wanted:
         rows += await _with_server("nats", url, events, pings)
+    if ha:
+        rows += await _ha_rows(wanted, url, events)
     render(console, rows, f"loom-ha bench --transport {transport}")
     return 0
 
@@ -60,3 +68,17 @@ async def _with_server(kind: str, url: str | None, events: int, pings: int) -> l
         return await nats_rows(url.split(","), events, pings)
     with NatsServer(jetstream=True) as nats_server:
         return await nats_rows([nats_server.url], events, pings)
+
+
+async def _ha_rows(wanted: tuple[str, ...], url: str | None, events: int) -> list[BenchRow]:
+    """HATransport beside the bare backends, on servers started for the run."""
+    from loom_ha.bench.ha import ha_rows
+    from loom_ha.testing.nats_servers import NatsServer
+    from loom_ha.testing.redis_servers import RedisServer
+
+    with RedisServer() as redis_server, NatsServer(jetstream=True) as nats_server:
+        return await ha_rows(
+            events,
+            redis_url=(url or redis_server.url) if "redis" in wanted else None,
+            nats_servers=[nats_server.url] if "nats" in wanted else None,
+        )

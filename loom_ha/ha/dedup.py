@@ -50,13 +50,19 @@ class MemoryDedup:
         self._seen: OrderedDict[str, float] = OrderedDict()
 
     async def claim(self, key: str) -> bool:
+        return self.claim_nowait(key)
+
+    def claim_nowait(self, key: str) -> bool:
+        """`claim` without a coroutine: the in-process window never waits (hot path)."""
         now = time.monotonic()
-        self._expire(now)
-        if key in self._seen:
+        seen = self._seen
+        if seen and next(iter(seen.values())) <= now:
+            self._expire(now)
+        if key in seen:
             return False
-        self._seen[key] = now + self.ttl
-        if len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
+        seen[key] = now + self.ttl
+        if len(seen) > self.max_entries:
+            seen.popitem(last=False)
         return True
 
     async def release(self, key: str) -> None:

@@ -71,10 +71,13 @@ class _DedupHandler:
 
     def __init__(self, handler: Handler, window: DedupWindow, scope: str, ha: HATransport) -> None:
         self.handler, self._window, self._scope, self._ha = handler, window, scope, ha
+        # The in-process window answers without awaiting: skip a coroutine per event.
+        self._claim_nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
 
     async def __call__(self, event: Any) -> None:
         key = f"{self._scope}\x1f{idempotency_key(event)}"
-        if not await self._window.claim(key):
+        fresh = self._claim_nowait(key) if self._claim_nowait else await self._window.claim(key)
+        if not fresh:
             self._ha.duplicates_dropped += 1
             return
         try:

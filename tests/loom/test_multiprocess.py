@@ -151,3 +151,45 @@ async def test_slow_node_hits_the_dispatcher_timeout(client: Any, nodes: NodePro
 
 with contextlib.suppress(ImportError):  # keep collection working without the loom extra
     import loom  # noqa: F401
+
+
+@pytest.mark.parametrize(
+    "mode_url",
+    [
+        pytest.param("redis-streams", marks=pytest.mark.redis),
+        pytest.param("nats-jetstream", marks=pytest.mark.nats),
+        pytest.param("nats-core", marks=pytest.mark.nats),
+    ],
+)
+async def test_thousand_runs_over_three_instances_each_answered_once(
+    mode_url: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Three processes serve the same nodes; 1,000 app.run calls are each processed once."""
+    kind, mode = mode_url.split("-")
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "nats_server")
+    url = f"{server.url}?mode={mode}"
+    procs = NodeProcesses(url, tmp_path)
+    transport = loom_transport(url)
+    try:
+        procs.start(3)
+        app = LoomApp(transport=transport)
+        app.dispatcher.add_interceptor(TimeoutInterceptor(default_timeout_sec=30.0))
+        await app.start()
+        gate = asyncio.Semaphore(50)
+
+        async def one(i: int) -> str:
+            async with gate:
+                result: str = await app.run(f"r{i}", target="node/echo")
+                return result
+
+        answers = await asyncio.gather(*(one(i) for i in range(1000)))
+    finally:
+        await transport.close()
+        procs.stop()
+    assert sorted(a.split(":", 1)[1] for a in answers) == sorted(f"r{i}" for i in range(1000))
+    echo = {k: v for k, v in procs.processed().items() if k.startswith("echo ")}
+    assert len(echo) == 1000
+    assert set(echo.values()) == {1}, "a request was processed more than once"
+    shares = procs.per_instance("echo")
+    print(f"{mode_url}: 1000 calls, per-instance shares {shares}")
+    assert all(n > 0 for n in shares)

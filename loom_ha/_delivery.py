@@ -13,7 +13,7 @@ from typing import Any
 from loom_ha._handlers import DeliveryCounters, Handler, HandlerTable, Mailbox, SubscriptionKey
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.topics import parse_pattern
-from loom_ha.transport import GroupRule
+from loom_ha.transport import GroupRule, TransportState, TransportStatistics
 
 
 class LocalDelivery:
@@ -65,6 +65,35 @@ class LocalDelivery:
         for handler in recipients:
             mailboxes[handler].put(topic, event)
         return len(recipients)
+
+    def statistics(
+        self,
+        backend: str,
+        state: TransportState,
+        *,
+        endpoint: str | None,
+        reconnects: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> TransportStatistics:
+        """A transport's statistics: its broker-side facts plus this object's counters."""
+        c = self.counters
+        return TransportStatistics(
+            backend=backend,
+            state=state,
+            endpoint=endpoint,
+            subscriptions=len(self.table.keys()),
+            handlers=self.table.handler_count,
+            queued=self.queued(),
+            published=c.published,
+            delivered=c.delivered,
+            handler_errors=c.handler_errors,
+            filtered=c.filtered,
+            malformed=c.malformed,
+            dead_lettered=c.dead_lettered,
+            redelivered=c.redelivered,
+            reconnects=reconnects,
+            extra=extra,
+        )
 
     def queued(self) -> int:
         """Events waiting in mailboxes."""

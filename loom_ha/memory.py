@@ -85,16 +85,4 @@ class InMemoryTransport(Transport):
 
     @override
     def statistics(self) -> TransportStatistics:
-        local = self._local
-        c = local.counters
-        return TransportStatistics(
-            backend="memory",
-            state=self._state,
-            endpoint="memory://",
-            subscriptions=len(local.table.keys()),
-            handlers=local.table.handler_count,
-            queued=local.queued(),
-            published=c.published,
-            delivered=c.delivered,
-            handler_errors=c.handler_errors,
-        )
+        return self._local.statistics("memory", self._state, endpoint="memory://")

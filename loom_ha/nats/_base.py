@@ -185,22 +185,11 @@ class NatsTransportBase(Transport):
 
     @override
     def statistics(self) -> TransportStatistics:
-        local, conn = self._local, self._conn
-        c = local.counters
-        return TransportStatistics(
-            backend=self.backend_name,
-            state=conn.state,
+        conn = self._conn
+        return self._local.statistics(
+            self.backend_name,
+            conn.state,
             endpoint=conn.endpoint,
-            subscriptions=len(local.table.keys()),
-            handlers=local.table.handler_count,
-            queued=local.queued(),
-            published=c.published,
-            delivered=c.delivered,
-            handler_errors=c.handler_errors,
-            filtered=c.filtered,
-            malformed=c.malformed,
-            dead_lettered=c.dead_lettered,
-            redelivered=c.redelivered,
             reconnects=conn.reconnects,
             extra={
                 "servers": list(self.options.servers),

@@ -238,21 +238,10 @@ class RedisTransportBase(Transport):
         if state is TransportState.CONNECTED and not self._healthy():
             state = TransportState.RECONNECTING
         connector = self._connector
-        c = self.local.counters
-        return TransportStatistics(
-            backend=self.backend,
-            state=state,
+        return self.local.statistics(
+            self.backend,
+            state,
             endpoint=connector.endpoint if connector else None,
-            subscriptions=len(self.local.table.keys()),
-            handlers=self.local.table.handler_count,
-            queued=self.local.queued(),
-            published=c.published,
-            delivered=c.delivered,
-            handler_errors=c.handler_errors,
-            filtered=c.filtered,
-            malformed=c.malformed,
-            dead_lettered=c.dead_lettered,
-            redelivered=c.redelivered,
             reconnects=connector.reconnects if connector else 0,
             extra=self._extra(),
         )

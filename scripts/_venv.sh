@@ -19,5 +19,11 @@ ensure_venv() {
         fi
         "$root/.venv/bin/python" -m pip install -q --upgrade pip
     fi
-    "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[$extras]"
+    # Quiet unless it fails (setuptools' build warnings are noise for a demo).
+    mkdir -p "$root/.cache"
+    if ! "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check \
+        -e "$root[$extras]" >"$root/.cache/pip-install.log" 2>&1; then
+        cat "$root/.cache/pip-install.log" >&2
+        exit 1
+    fi
 }

@@ -63,15 +63,23 @@ async def measure_throughput(
 
 
 async def measure_latency(
-    make_transport: Callable[[], Any], make_event: Callable[[int], Any], pings: int
+    make_transport: Callable[[], Any],
+    make_event: Callable[[int], Any],
+    pings: int,
+    *,
+    fresh_reply: bool = False,
 ) -> tuple[float, float]:
-    """p50 and p99 round-trip time in ms of a ping answered by a handler."""
+    """p50 and p99 round-trip time in ms of a ping answered by a handler.
+
+    With `fresh_reply` the handler answers with a new event instead of echoing the
+    ping (JetStream drops a re-published event id inside its duplicate window).
+    """
     transport = make_transport()
     await transport.connect()
     pong: asyncio.Future[None] | None = None
 
     async def reply(event: Any) -> None:
-        await transport.publish("bench.pong/x", event)
+        await transport.publish("bench.pong/x", make_event(-1) if fresh_reply else event)
 
     async def got_pong(event: Any) -> None:
         if pong is not None and not pong.done():

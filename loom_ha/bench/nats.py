@@ -160,38 +160,6 @@ class _RawAckPublish(RawJetStream):
         await self._js.publish(self._subject(topic), self._codec.encode(event), headers=headers)
 
 
-async def _js_ping_pong(
-    make: Callable[[], Any], make_event: Any, pings: int
-) -> tuple[float, float]:
-    """p50/p99 ms of a ping answered with a *new* event (JetStream drops a re-sent event id)."""
-    transport = make()
-    await transport.connect()
-    pong: asyncio.Future[None] | None = None
-
-    async def reply(event: Any) -> None:
-        await transport.publish("bench.pong/x", make_event(-1))
-
-    async def got_pong(event: Any) -> None:
-        if pong is not None and not pong.done():
-            pong.set_result(None)
-
-    samples = []
-    try:
-        await transport.subscribe("bench.ping/x", reply)
-        await transport.subscribe("bench.pong/x", got_pong)
-        for i in range(pings):
-            pong = asyncio.get_running_loop().create_future()
-            started = time.perf_counter()
-            await transport.publish("bench.ping/x", make_event(i))
-            async with asyncio.timeout(10):
-                await pong
-            samples.append((time.perf_counter() - started) * 1000)
-    finally:
-        await transport.disconnect()
-    samples.sort()
-    return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-
-
 async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRow]:
     """NATS core and JetStream figures, each beside raw nats-py measured in the same run."""
     from loom_ha.event import EventCodec, loom_event_class
@@ -266,12 +234,13 @@ async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRo
         lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}"), make_event, pings
     )
     rows.append(BenchRow("jetstream publish-ack p50", "ms", p50, r50, RAW, False))
-    p50, p99 = await _js_ping_pong(jetstream, make_event, pings)
-    r50, r99 = await _js_ping_pong(
+    p50, p99 = await measure_latency(jetstream, make_event, pings, fresh_reply=True)
+    r50, r99 = await measure_latency(
         # batch=1: nats-py's fetch(n) waits for n messages or its timeout
         lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}", batch=1),
         make_event,
         pings,
+        fresh_reply=True,
     )
     rows.append(BenchRow("jetstream request/reply p50", "ms", p50, r50, RAW, False))
     rows.append(BenchRow("jetstream request/reply p99", "ms", p99, r99, RAW, False))

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from ._tls import TlsFiles
 
 __all__ = [
     "ServerNotReadyError",
@@ -150,6 +153,9 @@ class ServerProcess(Launcher):
     ready_timeout: float = 20.0
     stop_timeout: float = 5.0
 
+    tls: bool = False
+    """Servers that support TLS set this; the certificates live in `workdir`."""
+
     def __init__(self, *, name: str, workdir: Path | None = None) -> None:
         self.name = name
         self._owns_dir = workdir is None
@@ -171,6 +177,26 @@ class ServerProcess(Launcher):
         """Write config files or certificates into `workdir` before each launch."""
 
     # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """CA, certificate and key paths when `tls` (created on first start), else None."""
+        if not self.tls:
+            return None
+        return TlsFiles(
+            self.workdir / "ca.crt", self.workdir / "server.crt", self.workdir / "server.key"
+        )
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate clients must trust when `tls`, else None."""
+        files = self.tls_files
+        return files.ca_file if files is not None else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client `SSLContext` trusting this server's CA when `tls`, else None."""
+        files = self.tls_files
+        return files.client_context() if files is not None else None
 
     @property
     def workdir(self) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import ssl
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from ._process import (
     stop_all,
     wait_until,
 )
-from ._tls import TlsFiles, make_test_certificates
+from ._tls import make_test_certificates
 
 __all__ = ["NatsCluster", "NatsServer"]
 
@@ -106,26 +105,6 @@ class NatsServer(ServerProcess):
     def store_dir(self) -> Path:
         """JetStream storage dir (inside the working dir, so it survives restarts)."""
         return self.workdir / "jetstream"
-
-    @property
-    def tls_files(self) -> TlsFiles | None:
-        """CA, certificate and key paths when `tls` (created on first start), else None."""
-        if not self.tls:
-            return None
-        return TlsFiles(
-            self.workdir / "ca.crt", self.workdir / "server.crt", self.workdir / "server.key"
-        )
-
-    @property
-    def ca_file(self) -> Path | None:
-        """The CA certificate clients must trust when `tls`, else None."""
-        files = self.tls_files
-        return files.ca_file if files is not None else None
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A client `SSLContext` trusting this server's CA when `tls`, else None."""
-        files = self.tls_files
-        return files.client_context() if files is not None else None
 
     def monitor(self, endpoint: str) -> dict[str, object]:
         """GET a monitoring endpoint such as `varz`, `routez` or `jsz` as a JSON object."""

@@ -5,14 +5,13 @@ Stdlib only; the Redis client library is never imported here.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 from ._net import LOCALHOST, RespError, RespValue, free_port, resp_command
 from ._process import ServerProcess, find_server_binary
-from ._tls import TlsFiles, make_test_certificates
+from ._tls import make_test_certificates
 
 __all__ = ["RedisServer"]
 
@@ -84,26 +83,6 @@ class RedisServer(ServerProcess):
         if self.password is not None:
             creds = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
         return f"{scheme}://{creds}{self.host}:{self.port}/0"
-
-    @property
-    def tls_files(self) -> TlsFiles | None:
-        """CA, certificate and key paths when `tls` (created on first start), else None."""
-        if not self.tls:
-            return None
-        return TlsFiles(
-            self.workdir / "ca.crt", self.workdir / "server.crt", self.workdir / "server.key"
-        )
-
-    @property
-    def ca_file(self) -> Path | None:
-        """The CA certificate clients must trust when `tls`, else None."""
-        files = self.tls_files
-        return files.ca_file if files is not None else None
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A client `SSLContext` trusting this server's CA when `tls`, else None."""
-        files = self.tls_files
-        return files.client_context() if files is not None else None
 
     def command(self, *args: str, timeout: float = 2.0) -> RespValue:
         """Run one command with the configured auth/TLS over a fresh connection."""

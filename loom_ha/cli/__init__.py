@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--service", help="only this service")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds per call (5)")
+    up = sub.add_parser("up", help="start brokers, Consul and app instances as local processes")
+    up.add_argument("--stack", choices=["dev", "redis", "nats"], default="nats", help="(nats)")
+    up.add_argument("--instances", type=int, default=3, help="app instances to start (3)")
+    up.add_argument("--dir", default=".loom-ha", help="state dir: config, data, logs (.loom-ha)")
+    up.add_argument("--app", default=None, help="app to run (compose/app/loom_app.py)")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds per instance start (30)")
+    down = sub.add_parser("down", help="stop the processes `loom-ha up` started")
+    down.add_argument("--dir", default=".loom-ha", help="state dir given to up (.loom-ha)")
+    down.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (10)")
     return parser
 
 
@@ -90,6 +99,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(
             run_status(console, args.url, service=args.service, timeout=args.timeout)
         )
+    if args.command == "up":
+        from loom_ha.cli.cluster import run_up
+
+        return run_up(
+            console,
+            stack=args.stack,
+            instances=args.instances,
+            directory=args.dir,
+            app=args.app,
+            timeout=args.timeout,
+        )
+    if args.command == "down":
+        from loom_ha.cli.cluster import run_down
+
+        return run_down(console, directory=args.dir, grace=args.grace)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

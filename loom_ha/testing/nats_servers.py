@@ -163,18 +163,27 @@ class NatsCluster(Launcher):
     """`size` routed nats-server nodes on 127.0.0.1 (JetStream by default), named node0..N-1.
 
     A node restarted after `kill()`/`stop()` keeps its ports and JetStream store, so it rejoins.
+    Nodes live under `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes.
     """
 
     ready_timeout: float = 30.0
 
     def __init__(
-        self, size: int = 3, *, jetstream: bool = True, cluster_name: str = "loomha"
+        self,
+        size: int = 3,
+        *,
+        jetstream: bool = True,
+        cluster_name: str = "loomha",
+        root: Path | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.cluster_name = cluster_name
         self.jetstream = jetstream
-        self._root = Path(tempfile.mkdtemp(prefix="loomha-nats-cluster-"))
+        self._owns_root = root is None
+        self._root = (
+            root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-nats-cluster-"))
+        )
         ports = free_ports(3 * size)
         cluster_ports = ports[2 * size :]
         route_urls = [f"nats://{LOCALHOST}:{p}" for p in cluster_ports]
@@ -248,9 +257,10 @@ class NatsCluster(Launcher):
             raise not_ready("NATS cluster", exc, self.nodes) from exc
 
     def stop(self) -> None:
-        """Stop every node and remove their dirs. Idempotent."""
+        """Stop every node and remove their dirs (unless under a given `root`). Idempotent."""
         stop_all(self.nodes)
-        shutil.rmtree(self._root, ignore_errors=True)
+        if self._owns_root:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def _converged(self) -> bool:
         live = [n for n in self.nodes if n.alive and not n.paused]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
@@ -109,6 +110,8 @@ class RedisSentinelCluster(Launcher):
 
     Failure detection is tuned for tests (`down_after`=1 s, `failover_timeout`=3 s). `servers[0]`
     is the initial master; after a failover use `master()` / `master_address()`.
+    `appendonly` and `extra_config` apply to every server (see `RedisServer`). Members live
+    under `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes.
     """
 
     ready_timeout: float = 30.0
@@ -123,10 +126,16 @@ class RedisSentinelCluster(Launcher):
         down_after: float = 1.0,
         failover_timeout: float = 3.0,
         password: str | None = None,
+        appendonly: bool = False,
+        extra_config: Sequence[str] = (),
+        root: Path | None = None,
     ) -> None:
         self.master_name = master_name
         self.password = password
-        self._root = Path(tempfile.mkdtemp(prefix="loomha-redis-sentinel-"))
+        self._owns_root = root is None
+        self._root = (
+            root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-redis-sentinel-"))
+        )
         ports = free_ports(1 + replicas + sentinels)
         master = (LOCALHOST, ports[0])
         self.servers: list[RedisServer] = [
@@ -134,6 +143,8 @@ class RedisSentinelCluster(Launcher):
                 ports[i],
                 password=password,
                 replicaof=None if i == 0 else master,
+                appendonly=appendonly,
+                extra_config=extra_config,
                 name=f"redis-{i}",
                 workdir=self._root / f"redis-{i}",
             )
@@ -253,10 +264,11 @@ class RedisSentinelCluster(Launcher):
         return self.master()
 
     def stop(self) -> None:
-        """Stop every member (sentinels first, so no failover runs meanwhile); remove the dirs."""
+        """Stop every member (sentinels first, so no failover runs meanwhile); remove owned dirs."""
         stop_all(self.sentinels)
         stop_all(self.servers)
-        shutil.rmtree(self._root, ignore_errors=True)
+        if self._owns_root:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def _sentinels_agree(self) -> bool:
         live = [s for s in self.sentinels if s.alive and not s.paused]

@@ -220,6 +220,8 @@ def transport_from_env(
     ``LOOM_TRANSPORT`` is ``memory`` (default), ``redis``, ``nats`` or a full URL;
     ``REDIS_URL`` and ``NATS_SERVERS`` (comma-separated) say where, as in Loom;
     ``LOOM_HA_OPTIONS`` adds query-string options (``mode=core&outbox=fail_fast``).
+    ``LOOM_HA_REGISTRY`` (``consul://...``) adds instance-aware request routing: the
+    transport becomes a `BalancedTransport` (see `loom_ha.routing.config` for the rest).
     """
     env = os.environ if env is None else env
     kind = env.get("LOOM_TRANSPORT", "memory").strip()
@@ -238,4 +240,6 @@ def transport_from_env(
     extra = env.get("LOOM_HA_OPTIONS", "").strip().lstrip("?&")
     if extra:
         url += ("&" if "?" in url else "?") + extra
-    return create_transport(url, event_class=event_class)
+    from loom_ha.routing.config import balanced_from_env
+
+    return balanced_from_env(create_transport(url, event_class=event_class), env, transport_url=url)

@@ -7,6 +7,7 @@ awaits the app's start and every node's subscription before returning.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -20,20 +21,25 @@ async def start_nodes(app: Any, *nodes: Any) -> None:
         await node._subscribe_to_events()
 
 
-def loom_transport(url: str | None = None) -> Any:
+def loom_transport(url: str | None = None, *, env: Mapping[str, str] | None = None) -> Any:
     """A loom-ha transport for LoomApp: from `url`, else from the environment.
 
     Received events are built as Loom's own `CloudEvent` class, and the transport is
-    registered as a virtual subclass of Loom's `Transport` ABC. Close it yourself
-    (``await transport.close()`` or ``async with``): LoomApp never disconnects.
+    registered as a virtual subclass of Loom's `Transport` ABC. With ``LOOM_HA_REGISTRY``
+    set (in `env`, default ``os.environ``), requests are routed to chosen instances
+    (`loom_ha.routing.BalancedTransport`).
+    Close it yourself (``await transport.close()`` or ``async with``): LoomApp never
+    disconnects.
     """
     from loom.interfaces.transport import Transport as LoomTransportABC
     from loom.protocol.cloudevents import CloudEvent as LoomCloudEvent
 
     from loom_ha.config import create_transport, transport_from_env
+    from loom_ha.routing.config import balanced_from_env
     from loom_ha.transport import Transport
 
     LoomTransportABC.register(Transport)
     if url is None:
-        return transport_from_env(event_class=LoomCloudEvent)
-    return create_transport(url, event_class=LoomCloudEvent)
+        return transport_from_env(env, event_class=LoomCloudEvent)
+    transport = create_transport(url, event_class=LoomCloudEvent)
+    return balanced_from_env(transport, env, transport_url=url)

@@ -67,7 +67,7 @@ def _broker_failure(exc: BaseException) -> bool:
 
 
 class _DedupHandler:
-    """Runs a handler unless its window already saw the event; releases the claim on failure."""
+    """Runs a handler unless its window already saw the event; completes or releases the claim."""
 
     def __init__(self, handler: Handler, window: DedupWindow, scope: str, ha: HATransport) -> None:
         self.handler, self._window, self._scope, self._ha = handler, window, scope, ha
@@ -87,6 +87,8 @@ class _DedupHandler:
         except BaseException:
             await self._window.release(key)
             raise
+        if self._claim_nowait is None:
+            await self._window.complete(key)
 
     def __repr__(self) -> str:
         return f"dedup({self.handler!r})"

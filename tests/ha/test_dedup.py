@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from loom_ha.errors import ConfigurationError
 from loom_ha.ha.dedup import MemoryDedup, RedisDedup
 
 
@@ -45,3 +46,34 @@ async def test_redis_window_is_shared_between_instances(redis_server: Any) -> No
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.redis
+async def test_redis_lease_is_renewed_while_running_and_lapses_when_the_owner_dies(
+    redis_server: Any,
+) -> None:
+    """A running handler keeps its claim past the lease; a dead owner's claim lapses."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    owner = RedisDedup(redis_server.url, ttl=30, lease=0.3, prefix=prefix)
+    other = RedisDedup(redis_server.url, ttl=30, lease=0.3, prefix=prefix)
+    try:
+        assert await owner.claim("running")
+        await asyncio.sleep(0.9)  # three leases: only the renewal keeps the claim alive
+        assert not await other.claim("running")
+        await owner.complete("running")
+        await asyncio.sleep(0.5)  # completed: kept for the ttl, not the lease
+        assert not await other.claim("running")
+
+        assert await owner.claim("orphan")
+        await owner.close()  # the owner "dies" mid-handler: no complete, no release
+        await asyncio.sleep(0.5)
+        assert await other.claim("orphan")
+    finally:
+        await owner.close()
+        await other.close()
+
+
+def test_redis_window_rejects_a_lease_longer_than_the_ttl() -> None:
+    """A bad lease fails at construction, naming both numbers."""
+    with pytest.raises(ConfigurationError, match="lease"):
+        RedisDedup("redis://127.0.0.1:1", ttl=1, lease=5)

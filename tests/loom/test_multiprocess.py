@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,8 +24,8 @@ SERVER = Path(__file__).with_name("node_server.py")
 class NodeProcesses:
     """Node-server processes on one URL; each logs the requests it processed."""
 
-    def __init__(self, url: str, workdir: Path) -> None:
-        self.url, self.workdir = url, workdir
+    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.url, self.workdir, self.env = url, workdir, env
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, count: int) -> None:
@@ -35,6 +36,9 @@ class NodeProcesses:
                 [sys.executable, str(SERVER), self.url, f"instance{i}", str(log)],
                 stdout=subprocess.PIPE,
                 text=True,
+                env={**os.environ, **self.env, "LOOM_HA_INSTANCE_ID": f"instance{i}"}
+                if self.env
+                else None,
             )
             self.procs.append(proc)
         for proc in self.procs:
@@ -159,17 +163,30 @@ with contextlib.suppress(ImportError):  # keep collection working without the lo
         pytest.param("redis-streams", marks=pytest.mark.redis),
         pytest.param("nats-jetstream", marks=pytest.mark.nats),
         pytest.param("nats-core", marks=pytest.mark.nats),
+        # Routed through Consul: the client picks an instance, requests go to its inbox.
+        pytest.param("redis-streams+consul", marks=[pytest.mark.redis, pytest.mark.consul]),
+        pytest.param("redis-pubsub+consul", marks=[pytest.mark.redis, pytest.mark.consul]),
+        pytest.param("nats-jetstream+consul", marks=[pytest.mark.nats, pytest.mark.consul]),
     ],
 )
 async def test_thousand_runs_over_three_instances_each_answered_once(
     mode_url: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """Three processes serve the same nodes; 1,000 app.run calls are each processed once."""
-    kind, mode = mode_url.split("-")
+    """Three processes serve the same nodes; 1,000 app.run calls are each processed once.
+
+    Without a registry the broker's groups pick the instance; with one (``+consul``) the
+    client's balancer does, which also gives Redis Pub/Sub one-instance delivery.
+    """
+    broker, _, registry = mode_url.partition("+")
+    kind, mode = broker.split("-")
     server = request.getfixturevalue("redis_server" if kind == "redis" else "nats_server")
     url = f"{server.url}?mode={mode}"
-    procs = NodeProcesses(url, tmp_path)
-    transport = loom_transport(url)
+    env: dict[str, str] = {}
+    if registry:
+        agent = request.getfixturevalue("consul_agent")
+        env = {"LOOM_HA_REGISTRY": f"consul://{agent.address}", "LOOM_HA_BALANCER": "round_robin"}
+    procs = NodeProcesses(url, tmp_path, env)
+    transport = loom_transport(url, env=env)
     try:
         procs.start(3)
         app = LoomApp(transport=transport)
@@ -183,6 +200,7 @@ async def test_thousand_runs_over_three_instances_each_answered_once(
                 return result
 
         answers = await asyncio.gather(*(one(i) for i in range(1000)))
+        routed = (transport.statistics().extra or {}).get("routed", 0)
     finally:
         await transport.close()
         procs.stop()
@@ -193,3 +211,6 @@ async def test_thousand_runs_over_three_instances_each_answered_once(
     shares = procs.per_instance("echo")
     print(f"{mode_url}: 1000 calls, per-instance shares {shares}")
     assert all(n > 0 for n in shares)
+    if registry:  # every request went to a chosen instance's inbox, evenly
+        assert routed == 1000, transport.statistics()
+        assert sorted(shares) == [333, 333, 334]

@@ -1,0 +1,114 @@
+"""Build a `BalancedTransport` from names and the environment (the one-line switch's routing part).
+
+LOOM_HA_REGISTRY=consul://127.0.0.1:8500   # turns routing on (also redis://, memory://)
+LOOM_HA_BALANCER=p2c                       # round_robin | random | weighted |
+                                           # least_outstanding | p2c | hash:<attribute>
+LOOM_HA_ATTEMPT_TIMEOUT=10                 # seconds before a request moves on
+LOOM_HA_INSTANCE_ID=api-1                  # this process's id (default host-pid)
+LOOM_HA_DEDUP_URL=redis://...              # shared dedup window of the serving side
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from loom_ha.balancing import (
+    Balancer,
+    ConsistentHash,
+    Ejector,
+    LeastOutstanding,
+    PowerOfTwoEWMA,
+    Random,
+    RoundRobin,
+    WeightedRandom,
+)
+from loom_ha.errors import ConfigurationError
+from loom_ha.ha.dedup import DedupWindow, RedisDedup
+from loom_ha.routing.transport import DEFAULT_ATTEMPT_TIMEOUT, BalancedTransport
+from loom_ha.transport import Transport
+
+__all__ = ["BALANCERS", "balanced_from_env", "balancer_named"]
+
+BALANCERS = ("round_robin", "random", "weighted", "least_outstanding", "p2c", "hash:<attribute>")
+
+
+def balancer_named(name: str, *, eject: bool = True) -> Balancer:
+    """The strategy called `name` (see `BALANCERS`), wrapped in an `Ejector` unless told not.
+
+    Raises:
+        ConfigurationError: unknown name (the message lists the known ones).
+    """
+    key = name.strip().lower().replace("-", "_")
+    strategy: Balancer
+    if key == "round_robin":
+        strategy = RoundRobin()
+    elif key == "random":
+        strategy = Random()
+    elif key == "weighted":
+        strategy = WeightedRandom()
+    elif key == "least_outstanding":
+        strategy = LeastOutstanding()
+    elif key in ("p2c", "p2c_ewma"):
+        strategy = PowerOfTwoEWMA()
+    elif key.startswith("hash:") and key[5:]:
+        strategy = ConsistentHash(name.strip()[5:])
+    else:
+        raise ConfigurationError(f"balancer {name!r}: expected one of {', '.join(BALANCERS)}")
+    return Ejector(strategy, consecutive_failures=3, base_ejection=10.0) if eject else strategy
+
+
+def _shared_dedup(
+    env: Mapping[str, str], transport_url: str, attempt_timeout: float
+) -> DedupWindow | bool:
+    """A Redis window when one is named or the broker is plain Redis; else in-process.
+
+    Its lease is at most half the attempt timeout, so the claim of an instance that died
+    mid-request has lapsed when the next attempt reaches another instance.
+    """
+    url = env.get("LOOM_HA_DEDUP_URL", "").strip()
+    if not url and transport_url.split("://", 1)[0] in ("redis", "rediss"):
+        url = transport_url.split("?", 1)[0]
+    return RedisDedup(url, lease=min(3.0, attempt_timeout / 2)) if url else True
+
+
+def balanced_from_env(
+    inner: Transport, env: Mapping[str, str] | None = None, *, transport_url: str = ""
+) -> Transport:
+    """`inner` wrapped in a `BalancedTransport` if ``LOOM_HA_REGISTRY`` is set, else `inner`.
+
+    Raises:
+        ConfigurationError: a bad registry URL, balancer name or number (named).
+    """
+    env = os.environ if env is None else env
+    registry_url = env.get("LOOM_HA_REGISTRY", "").strip()
+    if not registry_url:
+        return inner
+    from loom_ha.discovery import open_registry
+
+    options: dict[str, Any] = {}
+    attempt_timeout = DEFAULT_ATTEMPT_TIMEOUT
+    timeout = env.get("LOOM_HA_ATTEMPT_TIMEOUT", "").strip()
+    if timeout:
+        try:
+            attempt_timeout = float(timeout)
+        except ValueError:
+            raise ConfigurationError(
+                f"LOOM_HA_ATTEMPT_TIMEOUT={timeout!r} is not a number of seconds"
+            ) from None
+        if not attempt_timeout > 0:
+            raise ConfigurationError(f"LOOM_HA_ATTEMPT_TIMEOUT={timeout!r} must be > 0")
+    balancer = env.get("LOOM_HA_BALANCER", "").strip()
+    if balancer:
+        options["balancer"] = balancer_named(balancer)
+    instance_id = env.get("LOOM_HA_INSTANCE_ID", "").strip()
+    if instance_id:
+        options["instance_id"] = instance_id
+    return BalancedTransport(
+        inner,
+        open_registry(registry_url),
+        attempt_timeout=attempt_timeout,
+        dedup=_shared_dedup(env, transport_url, attempt_timeout),
+        **options,
+    )

@@ -1,0 +1,238 @@
+"""BalancedTransport on a real broker: requests reach one chosen instance, failures move on.
+
+Each "instance" is its own transport object with its own connection to the broker and its
+own registry client, as separate processes would have (tests/loom/ runs real processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from loom_ha.balancing import Balancer, RoundRobin
+from loom_ha.discovery import MemoryRegistry, MemoryStore
+from loom_ha.event import CloudEvent
+from loom_ha.ha.dedup import DedupWindow, RedisDedup
+from loom_ha.nats import NatsCoreTransport
+from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.retry import RetryPolicy
+from loom_ha.routing import BalancedTransport
+from loom_ha.testing.servers import NatsServer, RedisServer
+from loom_ha.transport import Transport
+
+pytestmark = pytest.mark.timeout(60)
+
+Behaviour = Callable[[str, Any], Any]  # (instance, request) -> awaitable or None
+
+
+class Cluster:
+    """N serving instances and one client of node `node`, on one broker and one registry."""
+
+    def __init__(self, make_inner: Callable[[], Transport], *, shared: bool = True) -> None:
+        self.make_inner = make_inner
+        self.node = f"node/n{uuid.uuid4().hex[:8]}"
+        self.topic = f"node.request/{self.node}"
+        self.store = MemoryStore()
+        self.shared = shared
+        self.handled: Counter[str] = Counter()  # instance -> requests handled
+        self.handled_ids: Counter[str] = Counter()  # request id -> times handled
+        self.instances: dict[str, BalancedTransport] = {}
+        self.clients: list[BalancedTransport] = []
+        self._replies: dict[str, asyncio.Future[str]] = {}
+
+    def registry(self) -> MemoryRegistry | None:
+        return MemoryRegistry(self.store, ttl=3.0) if self.shared else None
+
+    async def serve(
+        self, name: str, behaviour: Behaviour | None = None, dedup: DedupWindow | bool = True
+    ) -> BalancedTransport:
+        transport = BalancedTransport(
+            self.make_inner(), self.registry(), instance_id=name, dedup=dedup
+        )
+        await transport.connect()
+
+        async def handle(event: Any) -> None:
+            self.handled[name] += 1
+            self.handled_ids[event.id] += 1
+            if behaviour is not None:
+                result = behaviour(name, event)
+                if asyncio.iscoroutine(result):
+                    await result
+            reply = CloudEvent.create(
+                source=f"/{self.node}",
+                type="node.response",
+                data={"request_id": event.id, "result": name},
+            )
+            await transport.publish(f"node.response/{self.node}", reply)
+
+        await transport.subscribe(self.topic, handle)
+        self.instances[name] = transport
+        return transport
+
+    async def client(
+        self, balancer: Balancer | None = None, **options: Any
+    ) -> BalancedTransport:
+        transport = BalancedTransport(
+            self.make_inner(),
+            self.registry(),
+            instance_id=f"client-{len(self.clients)}",
+            balancer=balancer,
+            **options,
+        )
+        await transport.connect()
+        await transport.subscribe(f"node.response/{self.node}", self._on_reply)
+        self.clients.append(transport)
+        return transport
+
+    async def _on_reply(self, event: Any) -> None:
+        future = self._replies.get(event.data["request_id"])
+        if future is not None and not future.done():
+            future.set_result(event.data["result"])
+
+    async def call(self, client: Transport, timeout: float = 10.0) -> str:
+        """One request; the name of the instance that answered."""
+        event = CloudEvent.create(source="/test", type="node.request", data={"task": "x"})
+        future = self._replies[event.id] = asyncio.get_running_loop().create_future()
+        try:
+            await client.publish(self.topic, event)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            del self._replies[event.id]
+
+    async def close(self) -> None:
+        for transport in [*self.clients, *self.instances.values()]:
+            await transport.close()
+
+
+@pytest.fixture(params=["redis-pubsub", "nats-core"])
+def make_inner(
+    request: pytest.FixtureRequest,
+) -> Callable[[], Transport]:
+    if request.param.startswith("redis"):
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        if request.param == "redis-streams":
+            return lambda: RedisStreamsTransport(redis.url)
+        return lambda: RedisPubSubTransport(redis.url)
+    nats: NatsServer = request.getfixturevalue("nats_server")
+    return lambda: NatsCoreTransport([nats.url])
+
+
+@pytest.fixture
+async def cluster(make_inner: Callable[[], Transport]) -> AsyncIterator[Cluster]:
+    group = Cluster(make_inner)
+    try:
+        yield group
+    finally:
+        await group.close()
+
+
+async def test_each_request_reaches_the_instance_the_balancer_chose(cluster: Cluster) -> None:
+    """Round robin over 4 registered instances is exact, and each request is handled once."""
+    for n in range(4):
+        await cluster.serve(f"i{n}")
+    client = await cluster.client(RoundRobin())
+    answers = Counter([await cluster.call(client) for _ in range(400)])
+    assert answers == {f"i{n}": 100 for n in range(4)}
+    assert cluster.handled == answers
+    assert set(cluster.handled_ids.values()) == {1}
+    stats = client.statistics().extra or {}
+    assert stats["routed"] == 400 and stats["replies"] == 400 and stats["retries"] == 0
+
+
+# Redis Pub/Sub has no competing consumers (with a registry, inboxes give it some).
+@pytest.mark.parametrize("make_inner", ["redis-streams", "nats-core"], indirect=True)
+async def test_without_a_registry_the_broker_group_picks_one_instance(
+    make_inner: Callable[[], Transport],
+) -> None:
+    """No registry: requests go to the node's broker group, each to exactly one member."""
+    cluster = Cluster(make_inner, shared=False)
+    try:
+        for n in range(3):
+            await cluster.serve(f"i{n}")
+        client = await cluster.client()
+        await asyncio.gather(*(cluster.call(client) for _ in range(150)))
+        assert sum(cluster.handled.values()) == 150
+        assert set(cluster.handled_ids.values()) == {1}
+        assert len(cluster.handled) >= 2  # the broker spread them
+    finally:
+        await cluster.close()
+
+
+async def test_a_request_that_gets_no_reply_is_retried_on_another_instance(
+    cluster: Cluster,
+) -> None:
+    """An instance that swallows requests costs one attempt each, then gets ejected."""
+
+    async def hang(name: str, event: Any) -> None:
+        await asyncio.sleep(3600)
+
+    await cluster.serve("dead", hang)
+    for n in range(2):
+        await cluster.serve(f"ok{n}")
+    client = await cluster.client(RoundRobin(), attempt_timeout=0.3)
+    answers = Counter(await asyncio.gather(*(cluster.call(client) for _ in range(30))))
+    assert "dead" not in answers and sum(answers.values()) == 30
+    stats = client.statistics().extra or {}
+    assert stats["attempt_timeouts"] >= 1
+    assert stats["retries"] == stats["attempt_timeouts"]
+    assert stats["abandoned"] == 0
+
+
+async def test_an_instance_leaving_the_registry_is_retried_at_once(cluster: Cluster) -> None:
+    """A deregistered instance's requests in flight move on without waiting for the timeout."""
+    leaving = asyncio.Event()
+
+    async def stall(name: str, event: Any) -> None:
+        leaving.set()
+        await asyncio.sleep(3600)
+
+    await cluster.serve("leaving", stall)
+    client = await cluster.client(RoundRobin(), attempt_timeout=30)
+    call = asyncio.create_task(cluster.call(client, timeout=20))
+    await leaving.wait()
+    await cluster.serve("stays")
+    registration = cluster.instances["leaving"]._registrations[cluster.topic]
+    begin = asyncio.get_running_loop().time()
+    await registration.deregister()
+    assert await call == "stays"
+    assert asyncio.get_running_loop().time() - begin < 10  # not the 30 s attempt timeout
+
+
+async def test_budget_ends_a_request_nobody_answers(cluster: Cluster) -> None:
+    """When every attempt fails the request is abandoned (counted), not retried forever."""
+
+    async def hang(name: str, event: Any) -> None:
+        await asyncio.sleep(3600)
+
+    await cluster.serve("a", hang)
+    await cluster.serve("b", hang)
+    client = await cluster.client(attempt_timeout=0.2, budget=RetryPolicy(attempts=2))
+    with pytest.raises(TimeoutError):
+        await cluster.call(client, timeout=1.5)
+    stats = client.statistics().extra or {}
+    assert stats["abandoned"] == 1 and stats["retries"] == 1 and stats["in_flight"] == 0
+
+
+@pytest.mark.parametrize("make_inner", ["redis-pubsub"], indirect=True)
+async def test_a_shared_dedup_window_keeps_a_slow_instance_from_being_doubled(
+    cluster: Cluster, redis_server: RedisServer
+) -> None:
+    """A retry reaching a second instance while the first still works is dropped there."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def slow(name: str, event: Any) -> None:
+        await asyncio.sleep(1.0)
+
+    await cluster.serve("slow", slow, dedup=RedisDedup(redis_server.url, lease=0.3, prefix=prefix))
+    await cluster.serve("fast", dedup=RedisDedup(redis_server.url, lease=0.3, prefix=prefix))
+    client = await cluster.client(RoundRobin(), attempt_timeout=0.3)
+    # Round robin sends the first request to "fast" and the second to "slow".
+    assert await cluster.call(client) == "fast"
+    assert await cluster.call(client) == "slow"
+    assert cluster.handled_ids.most_common(1)[0][1] == 1
+    assert cluster.instances["fast"].statistics().duplicates_dropped == 1

@@ -74,9 +74,7 @@ class Cluster:
         self.instances[name] = transport
         return transport
 
-    async def client(
-        self, balancer: Balancer | None = None, **options: Any
-    ) -> BalancedTransport:
+    async def client(self, balancer: Balancer | None = None, **options: Any) -> BalancedTransport:
         transport = BalancedTransport(
             self.make_inner(),
             self.registry(),

@@ -2,8 +2,10 @@
 
 Environment: LOOM_TRANSPORT / REDIS_URL / NATS_SERVERS / LOOM_HA_OPTIONS (read by
 `loom_ha.config.transport_from_env`), LOOM_NODE_ID (the node id, default ``loom-echo``),
-and, to register in Consul, CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN. Replace this file
-with your own app; keep the shape: build the transport, start the nodes, close on SIGTERM.
+and, to register every node in a registry and route requests through it, LOOM_HA_REGISTRY
+(``consul://consul-1:8500``; CONSUL_HTTP_TOKEN for ACLs) and LOOM_HA_INSTANCE_ID. Replace
+this file with your own app; keep the shape: build the transport, start the nodes, close
+on SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -43,19 +44,6 @@ async def main() -> None:
         app = LoomApp(transport=transport)
         node = Echo(node_id, app.dispatcher)
         await start_nodes(app, node)
-        if os.environ.get("CONSUL_HTTP_ADDR"):
-            from loom_ha.discovery import ServiceInstance
-            from loom_ha.discovery.consul import ConsulRegistry
-
-            registry = await stack.enter_async_context(ConsulRegistry())
-            await registry.register(
-                ServiceInstance(
-                    service=node_id,
-                    instance_id=socket.gethostname(),
-                    address=socket.gethostname(),
-                    meta={"transport": os.environ.get("LOOM_TRANSPORT", "memory")},
-                )
-            )
         log.warning("node %s is up on %s", node_id, os.environ.get("LOOM_TRANSPORT", "memory"))
         await stop.wait()
 

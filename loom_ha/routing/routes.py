@@ -51,12 +51,19 @@ class RequestRoutes:
             ``p + X`` for each of these.
         error_prefix: replies under this prefix are failures (for the balancer).
         request_id: extracts from a reply the id of the request it answers.
+        node_prefix: dropped from a request path to name its service (Loom addresses
+            node ``echo`` as ``node/echo``; the registry lists it as ``echo``).
     """
 
     request_prefix: str = "node.request/"
     reply_prefixes: tuple[str, ...] = ("node.response/", "node.error/")
     error_prefix: str = "node.error/"
     request_id: Callable[[Any], str | None] = loom_request_id
+    node_prefix: str = "node/"
+
+    def service(self, path: str) -> str:
+        """The registry service of a request path: Loom's ``node/echo`` is service ``echo``."""
+        return service_name(path.removeprefix(self.node_prefix))
 
     def target(self, topic: str) -> str | None:
         """The service path a request topic addresses, or None if `topic` is no request.

@@ -226,6 +226,11 @@ class BalancedTransport(Transport):
             if self._dedup is not None:
                 await self._dedup.close()
 
+    @override
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Leaving ``async with`` closes: the registry and dedup window are ours to close."""
+        await self.close()
+
     # -- serving side ----------------------------------------------------------------------
 
     @override
@@ -245,7 +250,7 @@ class BalancedTransport(Transport):
             if topic not in self._registrations:
                 self._registrations[topic] = await self.registry.register(
                     ServiceInstance(
-                        service=service_name(path),
+                        service=self.routes.service(path),
                         instance_id=self.instance_id,
                         address=socket.gethostname(),
                         weight=self.weight,
@@ -276,7 +281,7 @@ class BalancedTransport(Transport):
         if path is None or self._directory is None:
             await self.inner.publish(topic, event)
             return
-        service = service_name(path)
+        service = self.routes.service(path)
         instances = [
             i for i in await self._directory.instances(service) if i.meta.get("topic") == topic
         ]

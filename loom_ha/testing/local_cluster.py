@@ -318,8 +318,8 @@ class _Starter:
             f"Redis master + {REDIS_REPLICAS} replicas + {SENTINELS} Sentinels", cluster.start
         )
         self.state.client_env = {
+            # As compose/prod-redis.yml: no registry, the Streams groups balance requests.
             "LOOM_TRANSPORT": f"{cluster.url}?mode={REDIS_MODE}",
-            "LOOM_HA_REGISTRY": cluster.servers[0].url,
         }
 
     def nats(self) -> None:

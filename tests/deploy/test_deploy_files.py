@@ -16,8 +16,10 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from loom_ha.cli import build_parser
 from loom_ha.config import create_transport, transport_from_env
+from loom_ha.discovery.consul import ConsulRegistry
 from loom_ha.ha import HATransport
 from loom_ha.redis.url import parse_redis_url
+from loom_ha.routing import BalancedTransport
 
 from ._hcl import loads as load_hcl
 
@@ -33,6 +35,7 @@ LOOM_IMAGE = "loom-ha:local"
 # Variables that configure something other than the transport, and the source that reads each.
 OTHER_READERS: dict[str, Path | str] = {
     "LOOM_NODE_ID": COMPOSE / "app" / "loom_app.py",
+    "LOOM_HA_REGISTRY": "loom_ha.routing.config",
     "CONSUL_HTTP_ADDR": "loom_ha.discovery.consul",
     "CONSUL_HTTP_TOKEN": "loom_ha.discovery.consul",
 }
@@ -183,11 +186,19 @@ def test_environment_names_are_the_ones_the_code_reads() -> None:
     ],
 )
 def test_compose_environment_builds_the_expected_transport(file: str, backend: str) -> None:
-    """transport_from_env, given a service's environment, builds HATransport over the backend."""
+    """transport_from_env, given a service's environment, builds HATransport over the backend
+    (inside a BalancedTransport on the registry the file names, if it names one)."""
     loom = dict(_loom_services(_services(file)))
     assert loom, f"{file}: no loom-ha service"
     for spec in loom.values():
-        transport = transport_from_env(_env(spec))  # builds, does not connect
+        env = _env(spec)
+        transport = transport_from_env(env)  # builds, does not connect
+        if "LOOM_HA_REGISTRY" in env:
+            assert isinstance(transport, BalancedTransport)
+            assert isinstance(transport.registry, ConsulRegistry)
+            host = env["LOOM_HA_REGISTRY"].removeprefix("consul://").split(":")[0]
+            assert host == env["CONSUL_HTTP_ADDR"].split(":")[0]
+            transport = transport.inner
         assert isinstance(transport, HATransport)
         assert type(transport.inner).__name__ == backend
 

@@ -146,6 +146,22 @@ async def _jetstream_replicates(servers: str) -> None:
         await client.close()
 
 
+async def _requests(client_env: dict[str, str], count: int) -> int:
+    """`count` app.run calls from a client using the cluster's env; how many were routed."""
+    from loom.api.main import LoomApp
+
+    from loom_ha.loom import loom_transport
+
+    transport = loom_transport(env=client_env)
+    try:
+        app = LoomApp(transport=transport)
+        answers = [await app.run(f"t{i}", target=f"node/{lc.NODE_ID}") for i in range(count)]
+        assert answers == [f"t{i}" for i in range(count)]
+        return int((transport.statistics().extra or {}).get("routed", 0))
+    finally:
+        await transport.close()
+
+
 @pytest.mark.nats
 @pytest.mark.consul
 def test_up_nats_stack_then_down(cluster_dir: Path) -> None:
@@ -169,6 +185,7 @@ def test_up_nats_stack_then_down(cluster_dir: Path) -> None:
     address = state.client_env["CONSUL_HTTP_ADDR"]
     assert state.client_env["LOOM_HA_REGISTRY"] == f"consul://{address}"
     assert all(p.env["CONSUL_HTTP_ADDR"] == address for p in state.processes if p.env)
+    assert asyncio.run(_requests(state.client_env, 20)) == 20  # all through Consul
 
     _down_and_check(cluster_dir, state)
 
@@ -198,7 +215,8 @@ def test_up_redis_stack_then_down(cluster_dir: Path) -> None:
     assert transport.startswith("redis+sentinel://") and transport.endswith("?mode=streams")
     for sentinel in sentinels:
         assert f"127.0.0.1:{sentinel.ports['port']}" in transport
-    assert state.client_env["LOOM_HA_REGISTRY"] == f"redis://127.0.0.1:{master_port}/0"
+    assert "LOOM_HA_REGISTRY" not in state.client_env  # as compose: Streams groups balance
+    assert asyncio.run(_requests(state.client_env, 20)) == 0
 
     _down_and_check(cluster_dir, state)
 

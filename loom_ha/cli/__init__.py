@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
 
     bench = sub.add_parser("bench", help="throughput and latency against a baseline")
-    bench.add_argument("--transport", choices=["memory", "redis", "nats", "all"], default="memory")
+    bench.add_argument(
+        "--transport", choices=["memory", "redis", "nats", "balancing", "all"], default="memory"
+    )
     bench.add_argument("--url", default=None, help="broker URL (default: start a local server)")
     bench.add_argument("--ha", action="store_true", help="add HATransport-vs-bare rows")
     bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")

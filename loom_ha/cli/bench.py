@@ -37,6 +37,12 @@ async def run_bench(
     """
     from loom_ha.bench.memory import codec_rows, memory_rows
 
+    if transport == "balancing":
+        from loom_ha.bench.balancing import balancing_rows
+
+        rows = await balancing_rows(url, events // 4)
+        render(console, rows, "loom-ha bench --transport balancing")
+        return 0
     wanted = ("memory", "redis", "nats") if transport == "all" else (transport,)
     rows = codec_rows()
     if "memory" in wanted:

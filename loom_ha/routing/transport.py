@@ -330,10 +330,11 @@ class BalancedTransport(Transport):
             request.tried.append(instance.instance_id)
             request.sent_at = time.monotonic()
             self.balancer.started(instance)
+            if not self._deadlines:
+                self._wake.set()  # the timer sleeps until the first deadline: this one
             self._deadlines.append(
                 (request.sent_at + self.attempt_timeout, request, request.attempt)
             )
-            self._wake.set()
             inbox = instance.meta.get("inbox") or self.routes.inbox(
                 request.topic, instance.instance_id
             )

@@ -1,0 +1,230 @@
+"""What routing costs and what it buys: balancer overhead and scaling across instance processes.
+
+* Strategy cost: one ``choose`` + ``started`` + ``record`` per request, pure CPU.
+* Routing overhead: request/reply round trips through `BalancedTransport` (registry
+  lookup, balancer, inbox publish, reply bookkeeping) beside the same requests sent
+  straight to the broker group, same broker, same process.
+* Scaling: requests/s of one client over 1, 2 and 3 echo-service processes
+  (`loom_ha.bench.echo_server`), each request waiting `work_ms` like an agent on I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from loom_ha.balancing import (
+    Balancer,
+    ConsistentHash,
+    Ejector,
+    LeastOutstanding,
+    PowerOfTwoEWMA,
+    Random,
+    RoundRobin,
+    WeightedRandom,
+)
+from loom_ha.bench.core import BenchRow
+from loom_ha.bench.echo_server import REPLIES, REQUESTS
+from loom_ha.discovery import MemoryRegistry, MemoryStore, ServiceInstance
+from loom_ha.event import CloudEvent
+from loom_ha.routing import BalancedTransport
+from loom_ha.transport import Transport
+
+STRATEGIES: dict[str, Callable[[], Balancer]] = {
+    "round robin": RoundRobin,
+    "random": Random,
+    "weighted": WeightedRandom,
+    "least outstanding": LeastOutstanding,
+    "p2c-ewma": PowerOfTwoEWMA,
+    "consistent hash (subject)": lambda: ConsistentHash("subject"),
+    "p2c-ewma + ejection (default)": lambda: Ejector(PowerOfTwoEWMA()),
+}
+
+
+def strategy_rows(calls: int = 50_000, instances: int = 3) -> list[BenchRow]:
+    """Microseconds per request spent in each strategy's bookkeeping."""
+    pool = [ServiceInstance(service="bench", instance_id=f"i{n}") for n in range(instances)]
+    events = [CloudEvent.create(source="/b", type="t", subject=f"s{n % 997}") for n in range(calls)]
+    rows = []
+    for name, make in STRATEGIES.items():
+        balancer = make()
+        started = time.perf_counter()
+        for event in events:
+            chosen = balancer.choose(pool, event)
+            balancer.started(chosen)
+            balancer.record(chosen, 0.001, True)
+        micros = (time.perf_counter() - started) / calls * 1e6
+        rows.append(BenchRow(f"strategy {name}", "µs/request", micros, None, "-", False))
+    return rows
+
+
+class _Client:
+    """Sends requests on a transport and waits for their replies."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.waiting: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        await self.transport.connect()
+        await self.transport.subscribe(REPLIES, self._reply)
+
+    async def _reply(self, event: Any) -> None:
+        future = self.waiting.pop(event.data["request_id"], None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def call(self) -> None:
+        event = CloudEvent.create(source="/bench", type="node.request", data={"task": "x"})
+        future = self.waiting[event.id] = asyncio.get_running_loop().create_future()
+        await self.transport.publish(REQUESTS, event)
+        async with asyncio.timeout(30):
+            await future
+
+    async def latency(self, calls: int) -> float:
+        """p50 of sequential round trips, ms."""
+        samples = []
+        for _ in range(calls):
+            begin = time.perf_counter()
+            await self.call()
+            samples.append((time.perf_counter() - begin) * 1000)
+        return statistics.median(samples)
+
+    async def throughput(self, calls: int, concurrency: int) -> float:
+        """Requests/s with `concurrency` requests in flight."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                await self.call()
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(calls)))
+        return calls / (time.perf_counter() - begin)
+
+
+async def _echo_server(transport: Transport) -> None:
+    async def echo(event: Any) -> None:
+        reply = CloudEvent.create(
+            source="/node/bench", type="node.response", data={"request_id": event.id}
+        )
+        await transport.publish(REPLIES, reply)
+
+    await transport.connect()
+    await transport.subscribe(REQUESTS, echo)
+
+
+async def overhead_rows(make: Callable[[], Transport], label: str, calls: int) -> list[BenchRow]:
+    """Round trips through BalancedTransport beside the same requests to the broker group."""
+    results: dict[str, tuple[float, float]] = {}
+    for routed in (False, True, False, True):  # alternate; keep each side's best
+        store = MemoryStore()
+        server, client = make(), make()
+        if routed:
+            server = BalancedTransport(server, MemoryRegistry(store), instance_id="server")
+            client = BalancedTransport(client, MemoryRegistry(store), instance_id="client")
+        try:
+            await _echo_server(server)
+            caller = _Client(client)
+            await caller.start()
+            await caller.throughput(200, 16)  # warm-up
+            p50 = await caller.latency(calls // 4)
+            rate = await caller.throughput(calls, 64)
+        finally:
+            await client.close()
+            await server.close()
+        key = "routed" if routed else "direct"
+        best = results.get(key)
+        results[key] = (min(p50, best[0]), max(rate, best[1])) if best else (p50, rate)
+    (routed_p50, routed_rate), (direct_p50, direct_rate) = results["routed"], results["direct"]
+    return [
+        BenchRow(
+            f"{label} request/reply p50, routed", "ms", routed_p50, direct_p50,
+            "direct to the group", False,
+        ),
+        BenchRow(
+            f"{label} routing overhead per request", "µs",
+            (routed_p50 - direct_p50) * 1000, None, "-", False,
+        ),
+        BenchRow(
+            f"{label} request/reply throughput, routed", "req/s", routed_rate, direct_rate,
+            "direct to the group",
+        ),
+    ]  # fmt: skip
+
+
+async def scaling_rows(
+    transport_url: str, registry_url: str, *, calls: int, work_ms: float, concurrency: int = 32
+) -> list[BenchRow]:
+    """Requests/s over 1, 2 and 3 echo-service processes; ratio against one process."""
+    from loom_ha.config import create_transport
+    from loom_ha.discovery import open_registry
+
+    rows: list[BenchRow] = []
+    single: float | None = None
+    for count in (1, 2, 3):
+        tag = uuid.uuid4().hex[:6]
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loom_ha.bench.echo_server", transport_url,
+                registry_url, f"bench-{tag}-{n}", str(work_ms), stdout=subprocess.PIPE,
+            )
+            for n in range(count)
+        ]  # fmt: skip
+        client = BalancedTransport(
+            create_transport(transport_url),
+            open_registry(registry_url),
+            instance_id=f"client-{tag}",
+            balancer=LeastOutstanding(),
+        )
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                async with asyncio.timeout(30):
+                    line = await proc.stdout.readline()
+                if line.strip() != b"READY":
+                    raise RuntimeError(f"echo server did not start (said {line!r})")
+            caller = _Client(client)
+            await caller.start()
+            await caller.throughput(100, concurrency)  # warm-up, and the watch's first answer
+            rate = await caller.throughput(calls, concurrency)
+        finally:
+            await client.close()
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.terminate()
+            for proc in procs:
+                await proc.wait()
+        single = single or rate
+        rows.append(
+            BenchRow(
+                f"{count} instance process(es), {work_ms:g} ms work, {concurrency} in flight",
+                "req/s", rate, single, "1 instance (ratio = scaling)",
+            )
+        )  # fmt: skip
+    return rows
+
+
+async def balancing_rows(url: str | None, calls: int) -> list[BenchRow]:
+    """Every balancing row, on `url` (Redis) or on servers started for the run."""
+    from loom_ha.nats import NatsCoreTransport
+    from loom_ha.redis import RedisPubSubTransport
+    from loom_ha.testing.nats_servers import NatsServer
+    from loom_ha.testing.redis_servers import RedisServer
+
+    rows = strategy_rows()
+    with RedisServer() as redis_server, NatsServer() as nats_server:
+        redis_url = url or redis_server.url
+        rows += await overhead_rows(lambda: RedisPubSubTransport(redis_url), "redis pubsub", calls)
+        nats_url = nats_server.url
+        rows += await overhead_rows(lambda: NatsCoreTransport([nats_url]), "nats core", calls)
+        rows += await scaling_rows(
+            f"{nats_url}?mode=core", redis_url, calls=calls // 2, work_ms=5.0
+        )
+    return rows

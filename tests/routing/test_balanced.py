@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from loom_ha.balancing import Balancer, RoundRobin
+from loom_ha.balancing import (
+    Balancer,
+    ConsistentHash,
+    LeastOutstanding,
+    PowerOfTwoEWMA,
+    RoundRobin,
+)
 from loom_ha.discovery import MemoryRegistry, MemoryStore
 from loom_ha.event import CloudEvent
 from loom_ha.ha.dedup import DedupWindow, RedisDedup
@@ -92,9 +98,13 @@ class Cluster:
         if future is not None and not future.done():
             future.set_result(event.data["result"])
 
-    async def call(self, client: Transport, timeout: float = 10.0) -> str:
+    async def call(
+        self, client: Transport, timeout: float = 10.0, subject: str | None = None
+    ) -> str:
         """One request; the name of the instance that answered."""
-        event = CloudEvent.create(source="/test", type="node.request", data={"task": "x"})
+        event = CloudEvent.create(
+            source="/test", type="node.request", data={"task": "x"}, subject=subject
+        )
         future = self._replies[event.id] = asyncio.get_running_loop().create_future()
         try:
             await client.publish(self.topic, event)
@@ -234,3 +244,82 @@ async def test_a_shared_dedup_window_keeps_a_slow_instance_from_being_doubled(
     assert await cluster.call(client) == "slow"
     assert cluster.handled_ids.most_common(1)[0][1] == 1
     assert cluster.instances["fast"].statistics().duplicates_dropped == 1
+
+
+# -- strategies fed by real calls (NATS core: the fastest round trip here) -----------------
+
+nats_only = pytest.mark.parametrize("make_inner", ["nats-core"], indirect=True)
+
+
+async def _load(cluster: Cluster, client: Transport, calls: int, concurrency: int) -> Counter[str]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> str:
+        async with gate:
+            return await cluster.call(client)
+
+    return Counter(await asyncio.gather(*(one() for _ in range(calls))))
+
+
+@nats_only
+async def test_round_robin_is_exact_over_ten_thousand_requests(cluster: Cluster) -> None:
+    """10,000 requests, 4 instances, 64 in flight: 2,500 each, each handled once."""
+    for n in range(4):
+        await cluster.serve(f"i{n}")
+    client = await cluster.client(RoundRobin())
+    answers = await _load(cluster, client, 10_000, 64)
+    assert answers == {f"i{n}": 2_500 for n in range(4)}
+    assert len(cluster.handled_ids) == 10_000 and set(cluster.handled_ids.values()) == {1}
+
+
+@nats_only
+@pytest.mark.parametrize("strategy", [LeastOutstanding, PowerOfTwoEWMA])
+async def test_learning_strategies_send_less_to_a_slow_instance(
+    cluster: Cluster, strategy: Callable[[], Balancer]
+) -> None:
+    """One of 4 instances takes 20 ms per request, the others 1 ms: it gets far less."""
+
+    async def slow(name: str, event: Any) -> None:
+        await asyncio.sleep(0.02)
+
+    async def quick(name: str, event: Any) -> None:
+        await asyncio.sleep(0.001)
+
+    await cluster.serve("slow", slow)
+    for n in range(3):
+        await cluster.serve(f"fast{n}", quick)
+    client = await cluster.client(strategy())
+    answers = await _load(cluster, client, 2_000, 16)
+    print(f"{strategy.__name__}: {dict(answers)}")
+    assert sum(answers.values()) == 2_000
+    # An even spread would give it 500; a 20x slower instance must get well under that.
+    assert answers["slow"] < 2_000 / 4 / 3
+
+
+@nats_only
+async def test_consistent_hash_keeps_keys_and_moves_few_when_one_leaves(cluster: Cluster) -> None:
+    """Same subject, same instance; when 1 of 4 leaves only about 1/4 of the keys move."""
+    for n in range(4):
+        await cluster.serve(f"i{n}")
+    client = await cluster.client(ConsistentHash("subject"))
+    keys = [f"session-{k}" for k in range(400)]
+
+    async def owners() -> dict[str, str]:
+        found: dict[str, str] = {}
+        for key in keys:
+            for _ in range(2):
+                owner = await cluster.call(client, subject=key)
+                assert found.setdefault(key, owner) == owner, f"{key} moved without a change"
+        return found
+
+    before = await owners()
+    await cluster.instances["i3"].close()  # deregisters; the client's watch sees it leave
+    service = client.routes.service(cluster.node)
+    while len(await client._directory.instances(service)) != 3:  # noqa: ASYNC110 - its view
+        await asyncio.sleep(0.05)
+    after = await owners()
+    moved = sum(1 for key in keys if before[key] != after[key])
+    print(f"consistent hash: {moved}/{len(keys)} keys moved when 1 of 4 instances left")
+    assert all(after[key] == before[key] for key in keys if before[key] != "i3")
+    assert moved == sum(1 for key in keys if before[key] == "i3")
+    assert 0.15 < moved / len(keys) < 0.35

@@ -35,6 +35,17 @@ _GAUGES = (
 )
 
 
+# Request routing (`BalancedTransport`), read from `statistics().extra` when present.
+_ROUTING_COUNTERS = (
+    ("routed", "Requests sent to an instance the balancer chose"),
+    ("unrouted", "Requests sent to the broker group (no instance registered)"),
+    ("retries", "Request attempts repeated on another instance"),
+    ("attempt_timeouts", "Request attempts that got no reply in time"),
+    ("abandoned", "Requests whose retry budget ran out"),
+)
+_ROUTING_GAUGES = (("in_flight", "Requests of this process waiting for a reply"),)
+
+
 class TransportMetrics(Collector):
     """A Prometheus collector for named transports (label ``transport``)."""
 
@@ -62,6 +73,26 @@ class TransportMetrics(Collector):
             for name, stats in snapshots.items():
                 gauge.add_metric([name, stats.backend], getattr(stats, field))
             yield gauge
+        routing = {n: s.extra for n, s in snapshots.items() if s.extra and "routed" in s.extra}
+        for field, doc in _ROUTING_COUNTERS:
+            family = CounterMetricFamily(f"loom_ha_requests_{field}", doc, labels=["transport"])
+            for name, extra in routing.items():
+                family.add_metric([name], extra[field])
+            yield family
+        for field, doc in _ROUTING_GAUGES:
+            gauge = GaugeMetricFamily(f"loom_ha_requests_{field}", doc, labels=["transport"])
+            for name, extra in routing.items():
+                gauge.add_metric([name], extra[field])
+            yield gauge
+        ejected = GaugeMetricFamily(
+            "loom_ha_ejected",
+            "1 while the balancer ejects the instance",
+            labels=["transport", "instance"],
+        )
+        for name, extra in routing.items():
+            for instance in extra.get("ejected", ()):
+                ejected.add_metric([name, instance], 1.0)
+        yield ejected
         state = GaugeMetricFamily(
             "loom_ha_state", "1 for the transport's current state", labels=["transport", "state"]
         )

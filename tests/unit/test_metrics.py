@@ -26,3 +26,28 @@ async def test_counters_and_state_are_exported() -> None:
     assert 'loom_ha_delivered_total{backend="memory",transport="main"} 3.0' in text
     assert 'loom_ha_state{state="connected",transport="main"} 1.0' in text
     assert 'loom_ha_state{state="closed",transport="main"} 0.0' in text
+
+
+async def test_request_routing_figures_are_exported() -> None:
+    """A BalancedTransport's routing counters appear beside the transport's own."""
+    from loom_ha.discovery import MemoryRegistry, ServiceInstance
+    from loom_ha.routing import BalancedTransport
+
+    registry = CollectorRegistry()
+    members = MemoryRegistry()
+    transport = BalancedTransport(InMemoryTransport(), members, instance_id="caller")
+    metrics = TransportMetrics({"api": transport})
+    registry.register(metrics)
+    async with transport:
+        # An instance that never answers: the request is routed, then waits in flight.
+        await members.register(
+            ServiceInstance(
+                service="echo", instance_id="far", meta={"topic": "node.request/node/echo"}
+            )
+        )
+        await transport.publish("node.request/node/echo", CloudEvent.create(source="/s", type="t"))
+        await transport.publish("node.request/node/other", CloudEvent.create(source="/s", type="t"))
+        text = generate_latest(registry).decode()
+    assert 'loom_ha_requests_routed_total{transport="api"} 1.0' in text
+    assert 'loom_ha_requests_unrouted_total{transport="api"} 1.0' in text
+    assert 'loom_ha_requests_in_flight{transport="api"} 1.0' in text

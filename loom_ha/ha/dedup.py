@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from loom_ha._tasks import TaskSupervisor
@@ -94,6 +96,45 @@ class MemoryDedup:
 
     async def close(self) -> None:
         self._seen.clear()
+
+
+class DedupHandler:
+    """Runs a handler unless its window already saw the event; completes or releases the claim.
+
+    Used by `HATransport` (every subscription) and `BalancedTransport` (served requests);
+    `on_duplicate` counts a dropped copy for the owner's statistics.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Any], Any],
+        window: DedupWindow,
+        scope: str,
+        on_duplicate: Callable[[], None],
+    ) -> None:
+        self.handler, self._window, self._scope = handler, window, scope
+        self._on_duplicate = on_duplicate
+        # The in-process window answers without awaiting: skip a coroutine per event.
+        self._claim_nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
+
+    async def __call__(self, event: Any) -> None:
+        key = f"{self._scope}\x1f{idempotency_key(event)}"
+        fresh = self._claim_nowait(key) if self._claim_nowait else await self._window.claim(key)
+        if not fresh:
+            self._on_duplicate()
+            return
+        try:
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                await result
+        except BaseException:
+            await self._window.release(key)
+            raise
+        if self._claim_nowait is None:
+            await self._window.complete(key)
+
+    def __repr__(self) -> str:
+        return f"dedup({self.handler!r})"
 
 
 class RedisDedup:

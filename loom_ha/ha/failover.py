@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from loom_ha.errors import (
     TransientError,
     TransportClosedError,
 )
-from loom_ha.ha.dedup import DedupWindow, MemoryDedup, idempotency_key
+from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.retry import RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
@@ -64,34 +63,6 @@ class _Subscription:
 def _broker_failure(exc: BaseException) -> bool:
     """True for errors that mean "the broker is away" rather than "this call is wrong"."""
     return isinstance(exc, TransientError | FailoverExhaustedError)
-
-
-class _DedupHandler:
-    """Runs a handler unless its window already saw the event; completes or releases the claim."""
-
-    def __init__(self, handler: Handler, window: DedupWindow, scope: str, ha: HATransport) -> None:
-        self.handler, self._window, self._scope, self._ha = handler, window, scope, ha
-        # The in-process window answers without awaiting: skip a coroutine per event.
-        self._claim_nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
-
-    async def __call__(self, event: Any) -> None:
-        key = f"{self._scope}\x1f{idempotency_key(event)}"
-        fresh = self._claim_nowait(key) if self._claim_nowait else await self._window.claim(key)
-        if not fresh:
-            self._ha.duplicates_dropped += 1
-            return
-        try:
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except BaseException:
-            await self._window.release(key)
-            raise
-        if self._claim_nowait is None:
-            await self._window.complete(key)
-
-    def __repr__(self) -> str:
-        return f"dedup({self.handler!r})"
 
 
 class HATransport(Transport):
@@ -309,11 +280,14 @@ class HATransport(Transport):
                     if sub.group
                     else f"i:{self._instance_id}:{id(handler)}"
                 )
-                wrapper = _DedupHandler(handler, self._dedup, scope, self)
+                wrapper = DedupHandler(handler, self._dedup, scope, self._count_duplicate)
             self._wrappers[handler] = wrapper
         return wrapper
 
     # -- recovery ------------------------------------------------------------------------
+
+    def _count_duplicate(self) -> None:
+        self.duplicates_dropped += 1
 
     def _start_recovery(self, cause: BaseException | None) -> None:
         """Enter RECONNECTING and start the one recovery task (if not running)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import socket
@@ -40,7 +39,7 @@ from loom_ha.balancing import Balancer, Ejector, PowerOfTwoEWMA
 from loom_ha.discovery.base import Registration, ServiceRegistry
 from loom_ha.discovery.instance import ServiceInstance, validate_name
 from loom_ha.errors import ConfigurationError, RegistryError, TransientError
-from loom_ha.ha.dedup import DedupWindow, MemoryDedup, idempotency_key
+from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.retry import RetryPolicy
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
@@ -87,39 +86,6 @@ class _Request:
     instance: ServiceInstance | None = None
     sent_at: float = 0.0
     tried: list[str] = field(default_factory=list)
-
-
-class _Served:
-    """The handler of a routed subscription behind the service's dedup window."""
-
-    def __init__(self, handler: Handler, window: DedupWindow | None, scope: str, owner: Any):
-        self.handler, self._window, self._scope, self._owner = handler, window, scope, owner
-        self._nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
-
-    async def __call__(self, event: Any) -> None:
-        window = self._window
-        if window is None:
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-            return
-        key = f"{self._scope}\x1f{idempotency_key(event)}"
-        fresh = self._nowait(key) if self._nowait else await window.claim(key)
-        if not fresh:
-            self._owner.duplicates_dropped += 1
-            return
-        try:
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except BaseException:
-            await window.release(key)
-            raise
-        if self._nowait is None:
-            await window.complete(key)
-
-    def __repr__(self) -> str:
-        return f"served({self.handler!r})"
 
 
 class BalancedTransport(Transport):
@@ -175,7 +141,7 @@ class BalancedTransport(Transport):
             if registry is not None
             else None
         )
-        self._served: dict[tuple[str, Handler], _Served] = {}
+        self._served: dict[tuple[str, Handler], Handler] = {}
         self._registrations: dict[str, Registration] = {}
         self._listening: set[str] = set()  # request topics whose replies we follow
         self._pending: dict[str, _Request] = {}
@@ -242,7 +208,9 @@ class BalancedTransport(Transport):
         async with self._lock:
             served = self._served.get((topic, handler))
             if served is None:
-                served = _Served(handler, self._dedup, f"req:{topic}", self)
+                served = handler
+                if self._dedup is not None:
+                    served = DedupHandler(handler, self._dedup, f"req:{topic}", self._duplicate)
                 self._served[topic, handler] = served
             inbox = self.routes.inbox(topic, self.instance_id)
             await self.inner.subscribe(topic, served)  # the broker group, for any caller
@@ -258,6 +226,9 @@ class BalancedTransport(Transport):
                     ),
                     ttl=self.ttl,
                 )
+
+    def _duplicate(self) -> None:
+        self.duplicates_dropped += 1
 
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:

@@ -19,32 +19,23 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from loom_ha.balancing import (
-    Balancer,
-    ConsistentHash,
-    Ejector,
-    LeastOutstanding,
-    PowerOfTwoEWMA,
-    Random,
-    RoundRobin,
-    WeightedRandom,
-)
+from loom_ha.balancing import Balancer, LeastOutstanding
 from loom_ha.bench.core import BenchRow
 from loom_ha.bench.echo_server import REPLIES, REQUESTS
 from loom_ha.discovery import MemoryRegistry, MemoryStore, ServiceInstance
 from loom_ha.event import CloudEvent
-from loom_ha.routing import BalancedTransport
+from loom_ha.routing import BalancedTransport, default_balancer
+from loom_ha.routing.config import balancer_named
 from loom_ha.transport import Transport
 
-STRATEGIES: dict[str, Callable[[], Balancer]] = {
-    "round robin": RoundRobin,
-    "random": Random,
-    "weighted": WeightedRandom,
-    "least outstanding": LeastOutstanding,
-    "p2c-ewma": PowerOfTwoEWMA,
-    "consistent hash (subject)": lambda: ConsistentHash("subject"),
-    "p2c-ewma + ejection (default)": lambda: Ejector(PowerOfTwoEWMA()),
-}
+STRATEGY_NAMES = ("round_robin", "random", "weighted", "least_outstanding", "p2c", "hash:subject")
+
+
+def _strategies() -> dict[str, Balancer]:
+    """Each strategy bare, then the default (P2C with ejection)."""
+    found = {name: balancer_named(name, eject=False) for name in STRATEGY_NAMES}
+    found["p2c + ejection (default)"] = default_balancer()
+    return found
 
 
 def strategy_rows(calls: int = 50_000, instances: int = 3) -> list[BenchRow]:
@@ -52,8 +43,7 @@ def strategy_rows(calls: int = 50_000, instances: int = 3) -> list[BenchRow]:
     pool = [ServiceInstance(service="bench", instance_id=f"i{n}") for n in range(instances)]
     events = [CloudEvent.create(source="/b", type="t", subject=f"s{n % 997}") for n in range(calls)]
     rows = []
-    for name, make in STRATEGIES.items():
-        balancer = make()
+    for name, balancer in _strategies().items():
         started = time.perf_counter()
         for event in events:
             chosen = balancer.choose(pool, event)

@@ -38,7 +38,13 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.balancing import Balancer, Ejector, PowerOfTwoEWMA
 from loom_ha.discovery.base import Registration, ServiceRegistry
 from loom_ha.discovery.instance import ServiceInstance, validate_name
-from loom_ha.errors import ConfigurationError, RegistryError, TransientError
+from loom_ha.discovery.watch import backoff
+from loom_ha.errors import (
+    ConfigurationError,
+    RegistryError,
+    RegistryUnavailableError,
+    TransientError,
+)
 from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.retry import RetryPolicy
 from loom_ha.routing.directory import InstanceDirectory
@@ -143,6 +149,7 @@ class BalancedTransport(Transport):
         )
         self._served: dict[tuple[str, Handler], Handler] = {}
         self._registrations: dict[str, Registration] = {}
+        self._registering: set[str] = set()  # registrations retried in the background
         self._listening: set[str] = set()  # request topics whose replies we follow
         self._pending: dict[str, _Request] = {}
         self._deadlines: deque[tuple[float, _Request, int]] = deque()
@@ -215,17 +222,43 @@ class BalancedTransport(Transport):
             inbox = self.routes.inbox(topic, self.instance_id)
             await self.inner.subscribe(topic, served)  # the broker group, for any caller
             await self.inner.subscribe(inbox, served)
-            if topic not in self._registrations:
-                self._registrations[topic] = await self.registry.register(
-                    ServiceInstance(
-                        service=self.routes.service(path),
-                        instance_id=self.instance_id,
-                        address=socket.gethostname(),
-                        weight=self.weight,
-                        meta={"topic": topic, "inbox": inbox, "pid": str(os.getpid())},
-                    ),
-                    ttl=self.ttl,
+            if topic not in self._registrations and topic not in self._registering:
+                instance = ServiceInstance(
+                    service=self.routes.service(path),
+                    instance_id=self.instance_id,
+                    address=socket.gethostname(),
+                    weight=self.weight,
+                    meta={"topic": topic, "inbox": inbox, "pid": str(os.getpid())},
                 )
+                try:
+                    self._registrations[topic] = await self.registry.register(
+                        instance, ttl=self.ttl
+                    )
+                except RegistryUnavailableError as exc:
+                    # Serve through the broker group meanwhile; register when it answers.
+                    log.warning("registry unreachable (%s): registering %s later", exc, topic)
+                    self._registering.add(topic)
+                    self._tasks.spawn(
+                        self._register_later(topic, instance), name=f"register:{topic}"
+                    )
+
+    async def _register_later(self, topic: str, instance: ServiceInstance) -> None:
+        """Retry a registration until the registry answers (or the subscription ends)."""
+        assert self.registry is not None
+        attempt = 0
+        try:
+            while any(t == topic for t, _ in self._served):
+                attempt += 1
+                await asyncio.sleep(backoff(attempt, cap=5.0))
+                try:
+                    registration = await self.registry.register(instance, ttl=self.ttl)
+                except RegistryUnavailableError:
+                    continue
+                self._registrations[topic] = registration
+                log.info("registered %s after %d attempt(s)", topic, attempt + 1)
+                return
+        finally:
+            self._registering.discard(topic)
 
     def _duplicate(self) -> None:
         self.duplicates_dropped += 1
@@ -364,7 +397,12 @@ class BalancedTransport(Transport):
             deadlines.popleft()
             if request.attempt == attempt and self._pending.get(str(request.event.id)) is request:
                 self.timeouts += 1
-                await self._retry(request, reason=f"no reply in {self.attempt_timeout:g} s")
+                try:
+                    await self._retry(request, reason=f"no reply in {self.attempt_timeout:g} s")
+                except Exception:  # keep the timer alive for every other request
+                    log.exception("retrying request %s failed", request.event.id)
+                    self._pending.pop(str(request.event.id), None)
+                    self.abandoned += 1
 
     async def _retry(self, request: _Request, *, reason: str) -> None:
         """End the current attempt as failed; try another instance or give up."""

@@ -323,3 +323,31 @@ async def test_consistent_hash_keeps_keys_and_moves_few_when_one_leaves(cluster:
     assert all(after[key] == before[key] for key in keys if before[key] != "i3")
     assert moved == sum(1 for key in keys if before[key] == "i3")
     assert 0.15 < moved / len(keys) < 0.35
+
+
+@pytest.mark.redis
+async def test_an_instance_registers_once_the_registry_comes_up(nats_server: NatsServer) -> None:
+    """Registry down at subscribe: the node serves through its group and registers later."""
+    from loom_ha.discovery import RedisRegistry
+    from loom_ha.testing.redis_servers import RedisServer
+
+    registry_server = RedisServer()  # port chosen, not started yet
+    transport = BalancedTransport(
+        NatsCoreTransport([nats_server.url]),
+        RedisRegistry(registry_server.url, timeout=0.5),
+        instance_id="early",
+    )
+    try:
+        await transport.connect()
+        await transport.subscribe("node.request/node/early", lambda event: None)
+        assert (transport.statistics().extra or {})["registered"] == []
+        with registry_server:
+            async with asyncio.timeout(20):
+                while not (transport.statistics().extra or {})["registered"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            assert transport.registry is not None
+            found = await transport.registry.instances("early")
+            assert [i.instance_id for i in found] == ["early"]
+            await transport.close()
+    finally:
+        await transport.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from loom_ha.balancing import (
     Balancer,
@@ -62,15 +63,27 @@ def balancer_named(name: str, *, eject: bool = True) -> Balancer:
 def _shared_dedup(
     env: Mapping[str, str], transport_url: str, attempt_timeout: float
 ) -> DedupWindow | bool:
-    """A Redis window when one is named or the broker is plain Redis; else in-process.
+    """The serving side's dedup window, shared between instances when delivery is durable.
 
-    Its lease is at most half the attempt timeout, so the claim of an instance that died
-    mid-request has lapsed when the next attempt reaches another instance.
+    ``LOOM_HA_DEDUP_URL`` (``redis://`` or ``nats://``) names one; otherwise a durable mode
+    (Streams, JetStream) shares it through its own broker (Redis keys, a JetStream KV
+    bucket; Sentinel URLs need ``LOOM_HA_DEDUP_URL``), and at-most-once modes dedup in
+    process. The lease is at most half the attempt timeout, so the claim of an instance
+    that died mid-request has lapsed when the next attempt reaches another instance.
     """
+    lease = min(3.0, attempt_timeout / 2)
     url = env.get("LOOM_HA_DEDUP_URL", "").strip()
-    if not url and transport_url.split("://", 1)[0] in ("redis", "rediss"):
+    if not url:
+        scheme = transport_url.split("://", 1)[0].lower()
+        mode = dict(parse_qsl(urlsplit(transport_url.split(",")[-1]).query)).get("mode", "")
+        if mode in ("pubsub", "core") or scheme not in ("redis", "rediss", "nats", "tls"):
+            return True
         url = transport_url.split("?", 1)[0]
-    return RedisDedup(url, lease=min(3.0, attempt_timeout / 2)) if url else True
+    if url.split("://", 1)[0].lower() in ("nats", "tls"):
+        from loom_ha.ha.nats_dedup import NatsDedup
+
+        return NatsDedup(url.split(","), ttl=600.0, lease=lease)
+    return RedisDedup(url, lease=lease)
 
 
 def balanced_from_env(

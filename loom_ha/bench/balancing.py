@@ -21,7 +21,6 @@ from typing import Any
 
 from loom_ha.balancing import Balancer, LeastOutstanding
 from loom_ha.bench.core import BenchRow
-from loom_ha.bench.echo_server import REPLIES, REQUESTS
 from loom_ha.discovery import MemoryRegistry, MemoryStore, ServiceInstance
 from loom_ha.event import CloudEvent
 from loom_ha.routing import BalancedTransport, default_balancer
@@ -55,15 +54,16 @@ def strategy_rows(calls: int = 50_000, instances: int = 3) -> list[BenchRow]:
 
 
 class _Client:
-    """Sends requests on a transport and waits for their replies."""
+    """Sends requests to node `node` on a transport and waits for their replies."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, node: str = "bench") -> None:
         self.transport = transport
+        self.requests, self.replies = f"node.request/node/{node}", f"node.response/node/{node}"
         self.waiting: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         await self.transport.connect()
-        await self.transport.subscribe(REPLIES, self._reply)
+        await self.transport.subscribe(self.replies, self._reply)
 
     async def _reply(self, event: Any) -> None:
         future = self.waiting.pop(event.data["request_id"], None)
@@ -73,18 +73,15 @@ class _Client:
     async def call(self) -> None:
         event = CloudEvent.create(source="/bench", type="node.request", data={"task": "x"})
         future = self.waiting[event.id] = asyncio.get_running_loop().create_future()
-        await self.transport.publish(REQUESTS, event)
+        await self.transport.publish(self.requests, event)
         async with asyncio.timeout(30):
             await future
 
-    async def latency(self, calls: int) -> float:
-        """p50 of sequential round trips, ms."""
-        samples = []
-        for _ in range(calls):
-            begin = time.perf_counter()
-            await self.call()
-            samples.append((time.perf_counter() - begin) * 1000)
-        return statistics.median(samples)
+    async def round_trip(self) -> float:
+        """One sequential round trip, ms."""
+        begin = time.perf_counter()
+        await self.call()
+        return (time.perf_counter() - begin) * 1000
 
     async def throughput(self, calls: int, concurrency: int) -> float:
         """Requests/s with `concurrency` requests in flight."""
@@ -99,51 +96,62 @@ class _Client:
         return calls / (time.perf_counter() - begin)
 
 
-async def _echo_server(transport: Transport) -> None:
+async def _echo_server(transport: Transport, node: str = "bench") -> None:
     async def echo(event: Any) -> None:
         reply = CloudEvent.create(
-            source="/node/bench", type="node.response", data={"request_id": event.id}
+            source=f"/node/{node}", type="node.response", data={"request_id": event.id}
         )
-        await transport.publish(REPLIES, reply)
+        await transport.publish(f"node.response/node/{node}", reply)
 
     await transport.connect()
-    await transport.subscribe(REQUESTS, echo)
+    await transport.subscribe(f"node.request/node/{node}", echo)
 
 
 async def overhead_rows(make: Callable[[], Transport], label: str, calls: int) -> list[BenchRow]:
-    """Round trips through BalancedTransport beside the same requests to the broker group."""
-    results: dict[str, tuple[float, float]] = {}
-    for routed in (False, True, False, True):  # alternate; keep each side's best
-        store = MemoryStore()
-        server, client = make(), make()
-        if routed:
-            server = BalancedTransport(server, MemoryRegistry(store), instance_id="server")
-            client = BalancedTransport(client, MemoryRegistry(store), instance_id="client")
-        try:
-            await _echo_server(server)
-            caller = _Client(client)
+    """Round trips through BalancedTransport beside the same requests to the broker group.
+
+    Both pairs run side by side on their own node names and their calls are interleaved
+    (latency: one each, in turn; throughput: alternating blocks, best block kept), so
+    load from the rest of the machine falls on both alike.
+    """
+    store = MemoryStore()
+    direct = [make(), make()]
+    routed: list[Transport] = [
+        BalancedTransport(make(), MemoryRegistry(store), instance_id=name)
+        for name in ("server", "client")
+    ]
+    try:
+        await _echo_server(direct[0], "bench-direct")
+        await _echo_server(routed[0], "bench-routed")
+        callers = {"direct": _Client(direct[1], "bench-direct")}
+        callers["routed"] = _Client(routed[1], "bench-routed")
+        samples: dict[str, list[float]] = {"direct": [], "routed": []}
+        rates: dict[str, list[float]] = {"direct": [], "routed": []}
+        for caller in callers.values():
             await caller.start()
             await caller.throughput(200, 16)  # warm-up
-            p50 = await caller.latency(calls // 4)
-            rate = await caller.throughput(calls, 64)
-        finally:
-            await client.close()
-            await server.close()
-        key = "routed" if routed else "direct"
-        best = results.get(key)
-        results[key] = (min(p50, best[0]), max(rate, best[1])) if best else (p50, rate)
-    (routed_p50, routed_rate), (direct_p50, direct_rate) = results["routed"], results["direct"]
+        for _ in range(calls // 4):
+            for key, caller in callers.items():
+                samples[key].append(await caller.round_trip())
+        for _ in range(3):
+            for key, caller in callers.items():
+                rates[key].append(await caller.throughput(calls // 3, 64))
+    finally:
+        for transport in [*direct, *routed]:
+            await transport.close()
+    p50 = {key: statistics.median(values) for key, values in samples.items()}
+    rate = {key: max(values) for key, values in rates.items()}
     return [
         BenchRow(
-            f"{label} request/reply p50, routed", "ms", routed_p50, direct_p50,
+            f"{label} request/reply p50, routed", "ms", p50["routed"], p50["direct"],
             "direct to the group", False,
         ),
         BenchRow(
-            f"{label} routing overhead per request", "µs",
-            (routed_p50 - direct_p50) * 1000, None, "-", False,
+            f"{label} routing overhead per request (p50)", "µs",
+            (p50["routed"] - p50["direct"]) * 1000, None, "-", False,
         ),
         BenchRow(
-            f"{label} request/reply throughput, routed", "req/s", routed_rate, direct_rate,
+            f"{label} request/reply throughput, routed", "req/s", rate["routed"], rate["direct"],
             "direct to the group",
         ),
     ]  # fmt: skip

@@ -77,6 +77,11 @@ class InstanceDirectory:
                 )
         return entry.instances
 
+    def cached(self, service: str) -> tuple[ServiceInstance, ...] | None:
+        """The instances of `service` without awaiting, once the first answer is in."""
+        entry = self._entries.get(service)
+        return entry.instances if entry is not None and entry.ready.is_set() else None
+
     def known(self) -> dict[str, tuple[str, ...]]:
         """Instance ids per service, as last seen (for statistics)."""
         return {s: tuple(i.instance_id for i in e.instances) for s, e in self._entries.items()}

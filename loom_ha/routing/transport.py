@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from loom_ha._handlers import Handler
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.balancing import Balancer, Ejector, PowerOfTwoEWMA
 from loom_ha.discovery.base import Registration, ServiceRegistry
-from loom_ha.discovery.instance import ServiceInstance, validate_name
+from loom_ha.discovery.instance import Health, ServiceInstance, validate_name
 from loom_ha.discovery.watch import backoff
 from loom_ha.errors import (
     ConfigurationError,
@@ -49,7 +50,7 @@ from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.retry import RetryPolicy
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
-from loom_ha.transport import Transport, TransportStatistics
+from loom_ha.transport import Transport, TransportState, TransportStatistics
 
 __all__ = [
     "DEFAULT_ATTEMPT_TIMEOUT",
@@ -150,6 +151,7 @@ class BalancedTransport(Transport):
         self._served: dict[tuple[str, Handler], Handler] = {}
         self._registrations: dict[str, Registration] = {}
         self._registering: set[str] = set()  # registrations retried in the background
+        self._unwatch_state: Callable[[], None] | None = None
         self._listening: set[str] = set()  # request topics whose replies we follow
         self._pending: dict[str, _Request] = {}
         self._deadlines: deque[tuple[float, _Request, int]] = deque()
@@ -165,6 +167,28 @@ class BalancedTransport(Transport):
     async def connect(self) -> None:
         await self.inner.connect()
         self._tasks.reopen()
+        watch = getattr(self.inner, "add_state_listener", None)  # HATransport has one
+        if watch is not None and self._unwatch_state is None:
+            self._unwatch_state = watch(self._inner_state_changed)
+
+    def _inner_state_changed(self, state: TransportState) -> None:
+        """While the broker is away this instance cannot receive: take it out of rotation."""
+        if not self._registrations or state not in (
+            TransportState.RECONNECTING,
+            TransportState.CONNECTED,
+        ):
+            return
+        health = Health.PASSING if state is TransportState.CONNECTED else Health.CRITICAL
+        note = "" if health is Health.PASSING else "lost the broker connection, reconnecting"
+        with contextlib.suppress(RuntimeError):  # closing: the registrations go anyway
+            self._tasks.spawn(self._report_health(health, note), name=f"health:{health.value}")
+
+    async def _report_health(self, health: Health, note: str) -> None:
+        for registration in list(self._registrations.values()):
+            try:
+                await registration.set_health(health, note)
+            except RegistryError as exc:  # the heartbeat keeps reporting the new health
+                log.warning("registry not told of %s yet: %s", health.value, exc)
 
     @override
     async def disconnect(self) -> None:
@@ -176,6 +200,9 @@ class BalancedTransport(Transport):
                 except RegistryError as exc:  # its TTL will expire it
                     log.warning("could not deregister %s: %s", registration, exc)
         finally:
+            if self._unwatch_state is not None:
+                self._unwatch_state()
+                self._unwatch_state = None
             self._registrations.clear()
             await self._tasks.aclose()
             self._timer = None

@@ -351,3 +351,42 @@ async def test_an_instance_registers_once_the_registry_comes_up(nats_server: Nat
             await transport.close()
     finally:
         await transport.close()
+
+
+@pytest.mark.redis
+@pytest.mark.chaos
+async def test_an_instance_that_lost_its_broker_leaves_the_passing_set() -> None:
+    """HATransport reconnecting: the registration goes critical; reconnected: passing again."""
+    from loom_ha.discovery import Health
+    from loom_ha.ha import HATransport
+    from loom_ha.testing.redis_servers import RedisServer
+
+    store = MemoryStore()
+    observer = MemoryRegistry(store)
+    with RedisServer() as broker:
+        transport = BalancedTransport(
+            HATransport(RedisPubSubTransport(broker.url)),
+            MemoryRegistry(store),
+            instance_id="cut-off",
+        )
+
+        async def health() -> Health:
+            (instance,) = await observer.instances("cut", passing_only=False)
+            return instance.health
+
+        async def until(expected: Health) -> None:
+            async with asyncio.timeout(20):
+                while await health() is not expected:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+
+        try:
+            await transport.connect()
+            await transport.subscribe("node.request/node/cut", lambda event: None)
+            assert await health() is Health.PASSING
+            broker.kill()
+            await until(Health.CRITICAL)
+            broker.restart()
+            await until(Health.PASSING)
+        finally:
+            await transport.close()
+            await observer.close()

@@ -3,6 +3,7 @@
     create_transport("memory://")
     create_transport("redis://10.0.0.5:6379/0?mode=streams")
     create_transport("redis+sentinel://s1:26379,s2:26379/mymaster?mode=pubsub")
+    create_transport("redis://10.0.0.5:6379/0?mode=streams&pubsub_topics=node.response/*")
     create_transport("nats://n1:4222,nats://n2:4222?mode=jetstream&outbox=fail_fast")
     transport_from_env()   # LOOM_TRANSPORT, REDIS_URL, NATS_SERVERS, LOOM_HA_OPTIONS
 
@@ -107,9 +108,43 @@ def _policy(opts: TransportOptions) -> DeliveryPolicy | None:
     return DeliveryPolicy(max_deliveries=opts.max_deliveries) if opts.max_deliveries else None
 
 
-def _redis(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_class: Any) -> Any:
-    from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+REDIS_TOPIC_OPTIONS = {"pubsub_topics": "pubsub", "streams_topics": "streams"}
+"""Redis URL options that route topic patterns to a mode (comma-separated or repeated)."""
 
+
+Pairs = list[tuple[str, str]]
+
+
+def _redis_topic_modes(rest: Pairs) -> tuple[dict[str, str], Pairs]:
+    """Split ``pubsub_topics=`` / ``streams_topics=`` from the other Redis URL options."""
+    topic_modes: dict[str, str] = {}
+    others: Pairs = []
+    for name, value in rest:
+        mode = REDIS_TOPIC_OPTIONS.get(name)
+        if mode is None:
+            others.append((name, value))
+            continue
+        patterns = [p for p in value.split(",") if p]
+        if not patterns:
+            raise ConfigurationError(f"option {name}= names no topic pattern")
+        for pattern in patterns:
+            if topic_modes.get(pattern, mode) != mode:
+                raise ConfigurationError(
+                    f"option {name}: {pattern!r} is also in {topic_modes[pattern]}_topics"
+                )
+            topic_modes[pattern] = mode
+    return topic_modes, others
+
+
+def _redis(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_class: Any) -> Any:
+    from loom_ha.redis import (
+        ModeRouter,
+        RedisPubSubTransport,
+        RedisStreamsTransport,
+        RedisTransport,
+    )
+
+    topic_modes, rest = _redis_topic_modes(rest)
     parts = urlsplit(url)
     backend_url = urlunsplit(parts._replace(query=urlencode(rest)))
     common: dict[str, Any] = {"group_rule": opts.group_rule}
@@ -118,12 +153,20 @@ def _redis(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_
     if opts.ha:
         # HATransport takes over longer outages (outbox, replay): fail over to it quickly.
         common["publish_timeout"] = HA_INNER_PUBLISH_TIMEOUT
-    if _mode("redis", opts) == "pubsub":
+    mode = _mode("redis", opts)
+    if mode == "pubsub" and not topic_modes:
         return RedisPubSubTransport(backend_url, **common)
     policy = _policy(opts)
     if policy is not None:
         common["policy"] = policy
-    return RedisStreamsTransport(backend_url, **common)
+    if not topic_modes:
+        return RedisStreamsTransport(backend_url, **common)
+    try:
+        ModeRouter(mode, topic_modes)  # checked first, so that errors name the URL option
+    except ConfigurationError as exc:
+        names = " / ".join(sorted({f"{m}_topics" for m in topic_modes.values()}))
+        raise ConfigurationError(f"option {names}: {exc}") from None
+    return RedisTransport(backend_url, mode=mode, topic_modes=topic_modes, **common)
 
 
 def _nats(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_class: Any) -> Any:

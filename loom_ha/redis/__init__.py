@@ -1,4 +1,4 @@
-"""Redis backends for loom-ha: Pub/Sub (at-most-once) and Streams (at-least-once).
+"""Redis backends for loom-ha: Pub/Sub (at-most-once), Streams (at-least-once), or both.
 
 Importing this package imports redis-py; ``import loom_ha`` alone never does.
 """
@@ -14,13 +14,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from loom_ha.redis._errors import map_redis_errors
 from loom_ha.redis.pubsub import RedisPubSubTransport
+from loom_ha.redis.routing import Mode, ModeRouter
 from loom_ha.redis.streams import RedisStreamsTransport
+from loom_ha.redis.transport import RedisTransport
 from loom_ha.redis.url import RedisSettings, parse_redis_url
 
 __all__ = [
+    "Mode",
+    "ModeRouter",
     "RedisPubSubTransport",
     "RedisSettings",
     "RedisStreamsTransport",
+    "RedisTransport",
     "map_redis_errors",
     "parse_redis_url",
 ]

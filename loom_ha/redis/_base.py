@@ -126,40 +126,66 @@ class RedisTransportBase(Transport):
             if self._connected():  # another task connected while we waited
                 return
             self._state = TransportState.CONNECTING
-            self.local.reopen()
-            connector = RedisConnector(
-                self.settings,
-                owner=f"loom_ha.{self.backend}",
-                block_margin=self._block_margin,
-                role_check_interval=self._role_check_interval,
-            )
-            self._connector = connector
+            connector = self._new_connector()
             try:
                 await connector.start(timeout=self._connect_timeout)
-                await self._start_mode()
+                await self._attach(connector)
             except BaseException:
                 self._state = TransportState.DISCONNECTED
-                await self._stop_mode()
-                await self.local.close()
                 await connector.close()
-                self._connector = None
                 raise
-            self._state = TransportState.CONNECTED
 
     @override
     async def disconnect(self) -> None:
         """Stop readers, drop subscriptions, close every socket; finishes even when cancelled."""
+        connector = self._connector
+        try:
+            await self._detach()
+        finally:
+            if connector is not None:
+                await connector.close()
+
+    # -- running on a connector (RedisTransport shares one between its modes) ---------------------
+
+    def _new_connector(self) -> RedisConnector:
+        """A connector for these settings (not started)."""
+        return RedisConnector(
+            self.settings,
+            owner=f"loom_ha.{self.backend}",
+            block_margin=self._block_margin,
+            role_check_interval=self._role_check_interval,
+        )
+
+    async def _attach(self, connector: RedisConnector) -> None:
+        """Start this mode on a started `connector` that the caller owns (and closes)."""
+        self._state = TransportState.CONNECTING
+        self.local.reopen()
+        self._connector = connector
+        try:
+            await self._start_mode()
+        except BaseException:
+            self._state = TransportState.DISCONNECTED
+            try:
+                await self._stop_mode()
+                await self.local.close()
+            finally:
+                self._connector = None
+            raise
+        self._state = TransportState.CONNECTED
+
+    async def _detach(self) -> None:
+        """Stop this mode and forget its connector without closing it; idempotent.
+
+        Finishes even when cancelled (the cancellation is re-raised afterwards).
+        """
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
             return
         self._state = TransportState.DISCONNECTED
-        connector = self._connector
         try:
             await self._stop_mode()
             await self.local.close()  # readers stop while the connector still exists
         finally:
             self._connector = None
-            if connector is not None:
-                await connector.close()
 
     async def _start_mode(self) -> None:
         """Start mode-specific background work (called inside connect())."""
@@ -228,6 +254,10 @@ class RedisTransportBase(Transport):
     def _healthy(self) -> bool:
         return self._connector is not None and self._connector.healthy
 
+    def _reconnects(self) -> int:
+        """Connections re-established after the first (the master's; modes add their own)."""
+        return self._connector.reconnects if self._connector else 0
+
     def _extra(self) -> dict[str, Any]:
         return {}
 
@@ -242,6 +272,6 @@ class RedisTransportBase(Transport):
             self.backend,
             state,
             endpoint=connector.endpoint if connector else None,
-            reconnects=connector.reconnects if connector else 0,
+            reconnects=self._reconnects(),
             extra=self._extra(),
         )

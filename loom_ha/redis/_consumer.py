@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from loom_ha._handlers import Handler, SubscriptionKey
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
-from loom_ha.redis.connection import RECONNECT_POLICY, checkpoint
+from loom_ha.redis.connection import checkpoint
 
 if TYPE_CHECKING:
     from loom_ha.redis.streams import RedisStreamsTransport
@@ -145,8 +145,9 @@ class StreamConsumer:
 
     async def _call(self, operation: Any, what: str, *, blocking: bool = False) -> Any:
         """Run a command on the master, waiting through failovers (never gives up)."""
-        return await self.t.connector.run(
-            operation, policy=RECONNECT_POLICY, what=what, blocking=blocking
+        connector = self.t.connector
+        return await connector.run(
+            operation, policy=connector.reconnect_policy, what=what, blocking=blocking
         )
 
     # -- the loop --------------------------------------------------------------------------------

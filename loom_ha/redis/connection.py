@@ -12,9 +12,11 @@ dead node during an election).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -30,6 +32,7 @@ from redis.backoff import NoBackoff
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import ConnectionLostError, LoomHAError
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
+from loom_ha.redis._roundtrip import UnconfirmedError, Written, checkout, round_trip
 from loom_ha.redis.url import RedisSettings
 from loom_ha.retry import RetryPolicy
 
@@ -102,6 +105,9 @@ class RedisConnector:
         self._closed = False
         self.generation = 0
         self.last_move: float | None = None  # time.monotonic() of the last re-establishment
+        self._moved = asyncio.Event()  # set (and replaced) whenever a master is established
+        self.reconnect_policy = dataclasses.replace(RECONNECT_POLICY, sleep=self.nap)
+        """`RECONNECT_POLICY` whose backoff ends as soon as a new master is established."""
 
     # -- public state ---------------------------------------------------------------------------
 
@@ -187,7 +193,10 @@ class RedisConnector:
         """A new connection to the master for a long-lived reader, and its generation.
 
         The connector closes it when the master moves; the reader then sees an
-        error and asks for a new one. Give it back with `release()`.
+        error and asks for a new one. Give it back with `release()`. A reader
+        whose connection broke just asks again: only when no new connection can
+        be opened is the master reported lost (which closes every other
+        connection, and would cut commands in flight on healthy ones).
         """
         await self.client()
         address, generation = self._address, self.generation
@@ -197,6 +206,12 @@ class RedisConnector:
         try:
             with map_redis_errors("redis connect"):
                 await _connect(conn)
+        except ConnectionLostError as exc:
+            await self.release(conn)
+            # A reader's *broken* connection says little (we may have dropped it ourselves);
+            # failing to open a new one says the master is gone: find it again.
+            await self.lost(generation, exc)
+            raise
         except BaseException:
             await self.release(conn)
             raise
@@ -215,6 +230,18 @@ class RedisConnector:
             raise
         except Exception:  # already broken: nothing left to close
             log.debug("closing a broken connection failed", exc_info=True)
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep `seconds`, or until a new master is established if that comes first.
+
+        Readers back off with it: after a failover they reconnect as soon as anyone
+        (the Sentinel watcher, the role check, a publisher) found the new master,
+        not when a backoff grown during the election happens to end.
+        """
+        moved = self._moved
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await moved.wait()
 
     async def lost(self, generation: int, reason: object = "") -> None:
         """Report that the master of `generation` failed; the next call finds it anew."""
@@ -279,6 +306,70 @@ class RedisConnector:
 
         return await policy.call(attempt)
 
+    async def execute(
+        self,
+        commands: Sequence[Sequence[Any]],
+        *,
+        policy: RetryPolicy,
+        what: str,
+        resend: bool,
+        check: Callable[[list[Any]], None] | None = None,
+        on_resend: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """Send `commands` in one round trip on one connection; their replies, in order.
+
+        Unlike `run()`, a retry depends on *where* an attempt failed:
+
+        * before anything was written (no master, no connection): always retried;
+        * after the commands were written (no reply in time, a broken connection, an
+          error reply after the first command, or `check` rejecting the replies with a
+          `ConnectionLostError`): Redis may have executed them. With `resend` they are
+          sent again (at-least-once: `on_resend` is told, to count possible
+          duplicates); without, `UnconfirmedError` is raised at once (at-most-once:
+          a command is never run twice).
+
+        Raises:
+            UnconfirmedError: written, unconfirmed, and `resend` is false.
+            FailoverExhaustedError: `policy` ran out while the master was away.
+            TransportError / ConfigurationError: Redis refused a command (error reply).
+        """
+
+        async def attempt() -> list[Any]:
+            client = await self.client()
+            generation = self.generation
+            pool = client.connection_pool
+            async with self._slots:  # pool_size bounds concurrent commands
+                try:
+                    with map_redis_errors(what):
+                        conn = await checkout(pool)
+                except ConnectionLostError as exc:  # nothing was written: safe to retry
+                    await self.lost(generation, exc)
+                    raise
+                try:
+                    replies = await round_trip(conn, commands, what, check)
+                    checkpoint()
+                    return replies
+                except ConnectionLostError as exc:  # Redis refused the first command: none ran
+                    await self.lost(generation, exc)
+                    raise
+                except Written as written:
+                    if isinstance(written.cause, REDIS_ERRORS):  # not `check`'s verdict
+                        await self.lost(generation, written.error)
+                    if not resend:
+                        raise UnconfirmedError(
+                            f"{what}: sent, but not confirmed: {written.error}"
+                        ) from written.error
+                    if on_resend is not None:
+                        on_resend()
+                    raise written.error from written.cause
+                finally:
+                    await pool.release(conn)
+
+        try:  # the first attempt skips the retry machinery (the common case costs nothing)
+            return await attempt()
+        except ConnectionLostError:
+            return await policy.call(attempt)
+
     # -- finding the master -----------------------------------------------------------------------
 
     async def _establish(self) -> None:
@@ -315,6 +406,8 @@ class RedisConnector:
             self._address = address
             self.generation += 1
             self.last_move = time.monotonic()
+            self._moved.set()
+            self._moved = asyncio.Event()
             if self.generation > 1:
                 log.warning("%s: now using redis master %s", self._owner, self.endpoint)
             return

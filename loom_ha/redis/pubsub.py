@@ -25,7 +25,8 @@ from loom_ha.errors import (
 )
 from loom_ha.redis._base import RedisTransportBase
 from loom_ha.redis._errors import map_redis_errors
-from loom_ha.redis.connection import RECONNECT_POLICY, checkpoint
+from loom_ha.redis._roundtrip import UnconfirmedError
+from loom_ha.redis.connection import checkpoint
 from loom_ha.topics import PatternKind, TopicPattern, validate_topic
 from loom_ha.transport import Capabilities, require_connected
 
@@ -124,6 +125,8 @@ class RedisPubSubTransport(RedisTransportBase):
         self._warned_groups = False
         self._listener: asyncio.Task[None] | None = None
         self._last_reply = 0.0
+        self.unconfirmed = 0
+        self.listener_reconnects = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -143,17 +146,33 @@ class RedisPubSubTransport(RedisTransportBase):
     async def publish(self, topic: str, event: Any) -> None:
         """PUBLISH `event`; retried while the master is away, up to `publish_timeout`.
 
-        At-most-once: an event is lost when nobody is subscribed at that moment.
+        At-most-once: an event is lost when nobody is subscribed at that moment, and
+        it is never sent twice. Only attempts that cannot have reached Redis are
+        retried; when the connection fails after the PUBLISH was written (no reply in
+        `socket_timeout`, a dropped connection) it is not re-sent: `publish()` returns,
+        the event may or may not have been delivered, and
+        ``statistics().extra["unconfirmed"]`` counts it.
+
+        Raises:
+            FailoverExhaustedError: no master to send to within `publish_timeout`.
         """
         require_connected(self._state, self.backend)
         validate_topic(topic)
-        data = self.codec.encode(event)
-        channel = self.channel_prefix + wire(topic)
-
-        async def send(client: Any) -> Any:
-            return await client.publish(channel, data)
-
-        await self.connector.run(send, policy=self.publish_policy, what=f"PUBLISH {topic!r}")
+        command = (b"PUBLISH", self.channel_prefix + wire(topic), self.codec.encode(event))
+        try:
+            await self.connector.execute(
+                (command,), policy=self.publish_policy, what=f"PUBLISH {topic!r}", resend=False
+            )
+        except UnconfirmedError as exc:
+            self.unconfirmed += 1
+            log.warning(
+                "redis-pubsub: event %r on %r may not have been delivered (not re-sent: "
+                "Pub/Sub is at-most-once): %s",
+                getattr(event, "id", None),
+                topic,
+                exc,
+            )
+            return
         self.local.counters.published += 1
 
     @override
@@ -229,15 +248,23 @@ class RedisPubSubTransport(RedisTransportBase):
             log.debug("redis-pubsub: send failed (the listener reconnects): %s", exc)
 
     async def _listen(self) -> None:
-        """Own the listener connection: connect, restore subscriptions, read; forever."""
+        """Own the listener connection: connect, restore subscriptions, read; forever.
+
+        A broken listener connection only makes the listener connect again; the
+        connector decides the master is lost when that fails (so a dropped listener
+        never cuts the commands in flight on the shared command connections).
+        """
+        first = True
         while True:
             checkpoint()
-            conn, generation = await RECONNECT_POLICY.call(self.connector.dedicated)
+            conn, _ = await self.connector.reconnect_policy.call(self.connector.dedicated)
+            if not first:
+                self.listener_reconnects += 1
+            first = False
             try:
                 await self._serve(conn)
             except (LoomHAError, OSError) as exc:
-                log.warning("redis-pubsub: listener connection lost: %s", exc)
-                await self.connector.lost(generation, exc)
+                log.warning("redis-pubsub: listener connection lost (reconnecting): %s", exc)
             finally:
                 self._listening = False
                 self._conn = None
@@ -277,20 +304,33 @@ class RedisPubSubTransport(RedisTransportBase):
         """PING an idle listener; close the connection when even the PONG does not come.
 
         A half-open connection (dapr #852) then fails the read, and the listener
-        reconnects instead of waiting forever.
+        reconnects instead of waiting forever. The connection is only dropped when a
+        PING has been unanswered for a whole interval: judging by idle time alone
+        dropped healthy connections whose PONG came a moment after the previous tick.
         """
         loop = asyncio.get_running_loop()
         interval = self._health_interval
+        tick = interval / 4
         self._last_reply = loop.time()
+        pinged_at: float | None = None
         while True:
-            await asyncio.sleep(interval)
-            idle = loop.time() - self._last_reply
-            if idle >= 2 * interval:
-                log.warning("redis-pubsub: no reply for %.1fs: dropping the connection", idle)
-                await conn.disconnect(nowait=True)
-                return
-            if idle >= interval:
-                await self._send_quietly("PING")
+            await asyncio.sleep(tick)
+            if pinged_at is not None and self._last_reply >= pinged_at:
+                pinged_at = None  # answered (any reply after the PING proves the connection)
+            now = loop.time()
+            if pinged_at is None:
+                if now - self._last_reply >= interval:
+                    pinged_at = now  # before sending: a PONG read meanwhile must count
+                    await self._send_quietly("PING")
+            elif now - pinged_at >= interval:
+                await asyncio.sleep(0)  # let the listener take a reply the loop already has
+                if self._last_reply < pinged_at:
+                    log.warning(
+                        "redis-pubsub: PING unanswered for %.1fs: dropping the connection",
+                        now - pinged_at,
+                    )
+                    await conn.disconnect(nowait=True)
+                    return
 
     def _dispatch(
         self, reply: Any, natives: dict[Native, SubscriptionKey], local: Any, prefix_len: int
@@ -320,5 +360,14 @@ class RedisPubSubTransport(RedisTransportBase):
         return super()._healthy() and self._listening
 
     @override
+    def _reconnects(self) -> int:
+        return super()._reconnects() + self.listener_reconnects
+
+    @override
     def _extra(self) -> dict[str, Any]:
-        return {"native_subscriptions": len(self._natives), "listening": self._listening}
+        return {
+            "native_subscriptions": len(self._natives),
+            "listening": self._listening,
+            "listener_reconnects": self.listener_reconnects,
+            "unconfirmed": self.unconfirmed,
+        }

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from typing_extensions import override
@@ -121,6 +122,7 @@ class RedisStreamsTransport(RedisTransportBase):
         self._known: tuple[float, list[bytes]] = (0.0, [])
         self.groups_recreated = 0
         self.trimmed = 0
+        self.resent = 0
 
     # -- naming ----------------------------------------------------------------------------------
 
@@ -174,36 +176,48 @@ class RedisStreamsTransport(RedisTransportBase):
         self.local.counters.published += 1
 
     async def append(self, stream: bytes, fields: dict[bytes, bytes], *, what: str) -> None:
-        """XADD (plus registry SADD and WAIT when needed) in one round trip, retried."""
+        """XADD (plus registry SADD and WAIT when needed) in one round trip, retried.
+
+        A retry after the entry may already be stored (no reply, or too few replicas
+        confirmed it) appends it again: at-least-once. Each such re-send is counted in
+        ``statistics().extra["resent"]`` (an upper bound of the duplicates written).
+        """
         now = time.monotonic()
         if self._registered_generation != self.connector.generation:
             # A new master (or a restarted server) may have lost the registry: re-add.
             self._registered.clear()
             self._registered_generation = self.connector.generation
         register = now - self._registered.get(stream, -1e9) > REGISTER_EVERY
-        replicas, maxlen = self.wait_replicas, self.maxlen
+        replicas = self.wait_replicas
         wait_ms = int(self.wait_timeout * 1000)
-        registry = self.registry_key
+        xadd: list[Any] = [b"XADD", stream, b"MAXLEN", b"~", self.maxlen, b"*"]
+        for name, value in fields.items():
+            xadd += (name, value)
+        commands: list[Sequence[Any]] = [xadd]
+        if register:
+            commands.append((b"SADD", self.registry_key, stream))
+        if replicas:
+            commands.append((b"WAIT", replicas, wait_ms))
 
-        async def send(client: Any) -> None:
-            if not register and not replicas:
-                await client.xadd(stream, fields, maxlen=maxlen, approximate=True)
-                return
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
-                if register:
-                    pipe.sadd(registry, stream)
-                if replicas:
-                    pipe.execute_command("WAIT", replicas, wait_ms)
-                results = await pipe.execute()
-            if replicas and int(results[-1]) < replicas:
+        def enough_replicas(replies: list[Any]) -> None:
+            if replicas and int(replies[-1]) < replicas:
                 raise ConnectionLostError(
-                    f"only {results[-1]} of {replicas} replicas confirmed within {wait_ms} ms"
+                    f"only {replies[-1]} of {replicas} replicas confirmed within {wait_ms} ms"
                 )
 
-        await self.connector.run(send, policy=self.publish_policy, what=what)
+        await self.connector.execute(
+            commands,
+            policy=self.publish_policy,
+            what=what,
+            resend=True,
+            check=enough_replicas,
+            on_resend=self._count_resend,
+        )
         if register:
             self._registered[stream] = now
+
+    def _count_resend(self) -> None:
+        self.resent += 1
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
@@ -238,6 +252,7 @@ class RedisStreamsTransport(RedisTransportBase):
             "consumers": len(self._consumers),
             "groups_recreated": self.groups_recreated,
             "trimmed": self.trimmed,
+            "resent": self.resent,
             "in_flight": sum(c.in_flight for c in self._consumers.values()),
             "consumer_name": self.consumer_name,
         }

@@ -1,14 +1,18 @@
-"""Runs the shipped conformance suite against both Redis modes on the session redis-server."""
+"""Runs the shipped conformance suite against the Redis modes on the session redis-server."""
 
 from __future__ import annotations
 
 import pytest
 
-from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport, RedisTransport
 from loom_ha.testing.conformance import Backend, TransportConformance
 from loom_ha.testing.servers import RedisServer
 
 pytestmark = pytest.mark.redis
+
+# Streams by default; replies, the suite's ".../a" topics and its burst go over Pub/Sub. So
+# `*`, `<prefix>*` and `*/node/echo<tag>` subscriptions span both modes.
+MIXED_TOPIC_MODES = {"node.response/*": "pubsub", "*/a": "pubsub", "*/burst": "pubsub"}
 
 
 @pytest.fixture
@@ -33,10 +37,20 @@ def backend_redis_streams(redis_server: RedisServer) -> Backend:
     )
 
 
-class TestRedisConformance(TransportConformance):
-    """Both Redis modes pass the same suite as every other backend."""
+@pytest.fixture
+def backend_redis_mixed(redis_server: RedisServer) -> Backend:
+    """RedisTransport with topics in both modes: declares the weaker capability of each."""
 
-    @pytest.fixture(params=["redis-pubsub", "redis-streams"])
+    def make() -> RedisTransport:
+        return RedisTransport(redis_server.url, mode="streams", topic_modes=MIXED_TOPIC_MODES)
+
+    return Backend("redis-mixed", make, make().capabilities, settle=0.1)
+
+
+class TestRedisConformance(TransportConformance):
+    """Every Redis mode, and both mixed in one transport, pass the suite of every backend."""
+
+    @pytest.fixture(params=["redis-pubsub", "redis-streams", "redis-mixed"])
     def backend(self, request: pytest.FixtureRequest) -> Backend:
         """The Redis backend under test, by mode."""
         backend: Backend = request.getfixturevalue(f"backend_{request.param.replace('-', '_')}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,6 +15,7 @@ from loom_ha.event import CloudEvent, EventCodec
 from loom_ha.redis import RedisPubSubTransport
 from loom_ha.redis.pubsub import glob_escape
 from loom_ha.testing.collect import Collector
+from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 from loom_ha.transport import TransportState
 
@@ -60,8 +63,10 @@ async def test_malformed_messages_are_dead_lettered_and_listening_goes_on(
         await eventually(lambda: t.statistics().dead_lettered >= 2)
         stats = t.statistics()
     assert stats.malformed == 2 and stats.dead_lettered == 2
-    entries = await raw.xrange(dead_letters)
-    letters = [DeadLetter.from_event(EventCodec().decode(f[b"event"])) for _, f in entries]
+    letters = []
+    for _, fields in await raw.xrange(dead_letters) or []:
+        assert fields is not None
+        letters.append(DeadLetter.from_event(EventCodec().decode(fields[b"event"])))
     assert letters[0].raw == b"not json at all"
     assert all(lt.reason and lt.topic == tag + "x" for lt in letters)
     assert "specversion" in letters[1].reason
@@ -94,7 +99,7 @@ async def test_listener_resubscribes_after_its_connection_is_killed(
     async with RedisPubSubTransport(redis_server.url) as t:
         await t.subscribe(tag + "e", exact)
         await t.subscribe(tag + "w/*", wild)
-        await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await raw.client_kill_filter(_type="pubsub")
         await eventually(
             lambda: (
                 t.statistics().reconnects >= 1 and t.statistics().state is TransportState.CONNECTED
@@ -104,3 +109,95 @@ async def test_listener_resubscribes_after_its_connection_is_killed(
         await t.publish(tag + "w/1", _event())
         await exact.wait_for(1)
         await wild.wait_for(1)
+
+
+async def test_idle_listener_keeps_its_connection(redis_server: RedisServer) -> None:
+    """An idle listener whose PINGs are answered is never dropped, even on a busy event loop."""
+    interval = 0.05
+    jitter = random.Random(0)
+
+    async def busy_loop() -> None:  # handlers that block a little: timers and replies run late
+        while True:
+            time.sleep(jitter.uniform(0, 0.002))  # noqa: ASYNC251 - blocking is the point
+            await asyncio.sleep(0)
+
+    async with (
+        RedisPubSubTransport(redis_server.url, health_check_interval=interval) as t,
+        asyncio.TaskGroup() as tg,
+    ):
+        noise = tg.create_task(busy_loop())
+        # A negative check: 60 watchdog intervals pass without a reconnect. (Judging by idle
+        # time alone dropped such a listener 2-3 times in 60 intervals.)
+        await asyncio.sleep(60 * interval)
+        noise.cancel()
+        stats = t.statistics()
+    assert stats.reconnects == 0, stats.extra
+
+
+@pytest.mark.chaos
+async def test_frozen_server_is_noticed_by_the_listener(server_launcher: ServerLauncher) -> None:
+    """A server that stops answering (SIGSTOP) makes the listener reconnect once it is back."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    async with RedisPubSubTransport(server.url, health_check_interval=0.1) as t:
+        await t.subscribe("frozen/x", got)
+        server.pause()
+        try:
+            await eventually(lambda: t.statistics().state is TransportState.RECONNECTING)
+        finally:
+            server.resume()
+        await eventually(lambda: t.statistics().state is TransportState.CONNECTED)
+        await t.publish("frozen/x", _event())
+        await got.wait_for(1)
+        assert t.statistics().reconnects >= 1
+
+
+@pytest.mark.chaos
+async def test_publish_without_reply_is_not_sent_twice(server_launcher: ServerLauncher) -> None:
+    """A PUBLISH whose reply times out is not re-sent: it arrives once, and is counted."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    async with (
+        RedisPubSubTransport(server.url, health_check_interval=30) as sub,
+        RedisPubSubTransport(server.url, socket_timeout=0.3) as pub,
+    ):
+        await sub.subscribe("once/x", got)
+        first = _event(1)
+        server.pause()  # the PUBLISH is written, but Redis runs it only after resume()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pub.publish("once/x", first))
+                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
+                server.resume()
+        finally:
+            server.resume()
+        marker = _event(2)
+        await pub.publish("once/x", marker)
+        await got.wait_until(lambda: marker.id in got.ids, what=lambda: "the marker")
+        stats = pub.statistics()
+    assert got.ids.count(first.id) == 1, got.ids
+    assert stats.extra is not None and stats.extra["unconfirmed"] == 1
+    assert stats.published == 1  # only the confirmed one
+
+
+async def test_dropped_listener_does_not_cut_publishes(
+    redis_server: RedisServer, raw: aioredis.Redis, tag: str
+) -> None:
+    """CLIENT KILL of the listener reconnects the listener only: publishes in flight go on."""
+    got = Collector()
+    async with RedisPubSubTransport(redis_server.url) as t:
+        await t.subscribe(tag + "x", got)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_publish_many(t, tag + "x", 2000))
+            await got.wait_for(100)
+            await raw.client_kill_filter(_type="pubsub")
+            await eventually(lambda: (t.statistics().extra or {}).get("listener_reconnects", 0) > 0)
+        stats = t.statistics()
+        assert t.connector.reconnects == 0  # the master was never given up
+    assert stats.extra is not None and stats.extra["unconfirmed"] == 0
+    assert stats.published == 2000
+
+
+async def _publish_many(t: RedisPubSubTransport, topic: str, count: int) -> None:
+    for n in range(count):
+        await t.publish(topic, _event(n))

@@ -13,6 +13,7 @@ from loom_ha.event import CloudEvent, EventCodec
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis import RedisStreamsTransport
 from loom_ha.testing.collect import Collector, assert_all_received
+from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 
 from ._redis_helpers import eventually
@@ -27,9 +28,11 @@ def _event(n: int = 0) -> CloudEvent:
 
 
 async def _dead_letters(raw: aioredis.Redis, stream: str) -> list[DeadLetter]:
-    return [
-        DeadLetter.from_event(EventCodec().decode(f[b"event"])) for _, f in await raw.xrange(stream)
-    ]
+    letters = []
+    for _, fields in await raw.xrange(stream) or []:
+        assert fields is not None
+        letters.append(DeadLetter.from_event(EventCodec().decode(fields[b"event"])))
+    return letters
 
 
 @pytest.mark.parametrize("group", [None, "workers"])
@@ -72,7 +75,7 @@ async def test_handler_succeeding_on_retry_is_acked_once(
     async with RedisStreamsTransport(redis_server.url, policy=FAST) as t:
         await t.subscribe(tag + "x", flaky, group="g")
         await t.publish(tag + "x", _event())
-        await eventually(lambda: len(calls) == 2 and t.statistics().extra["in_flight"] == 0)
+        await eventually(lambda: len(calls) == 2 and (t.statistics().extra or {})["in_flight"] == 0)
         assert t.statistics().dead_lettered == 0
     assert (await raw.xpending(f"loom:stream:{tag}x", "g"))["pending"] == 0
 
@@ -144,7 +147,7 @@ async def test_lost_group_is_recreated_and_reported(
         sent = _event()
         await t.publish(tag + "x", sent)
         await got.wait_for(1)
-        assert t.statistics().extra["groups_recreated"] >= 1
+        assert (t.statistics().extra or {})["groups_recreated"] >= 1
     assert got.ids == [sent.id]
 
 
@@ -157,3 +160,28 @@ async def test_streams_are_capped_approximately(
             await t.publish(tag + "x", _event(n))
     assert await raw.xlen(f"loom:stream:{tag}x") < 500
     assert await raw.sismember("loom:streams", f"loom:stream:{tag}x")
+
+
+@pytest.mark.chaos
+async def test_append_without_reply_is_resent_and_counted(server_launcher: ServerLauncher) -> None:
+    """An XADD whose reply times out is sent again (at-least-once) and the re-send is counted."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    async with (
+        RedisStreamsTransport(server.url) as sub,
+        RedisStreamsTransport(server.url, socket_timeout=0.3) as pub,
+    ):
+        await sub.subscribe("resend/x", got)
+        sent = _event()
+        server.pause()  # the XADD is written, but Redis runs it only after resume()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pub.publish("resend/x", sent))
+                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
+                server.resume()
+        finally:
+            server.resume()
+        await got.wait_for(2)
+        stats = pub.statistics()
+    assert stats.extra is not None and stats.extra["resent"] == 1
+    assert got.ids == [sent.id, sent.id]  # the duplicate at-least-once allows (and counts)

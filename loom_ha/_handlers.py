@@ -18,8 +18,9 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, TypeAlias
 
 from loom_ha._tasks import TaskSupervisor
@@ -69,29 +70,45 @@ async def invoke(handler: Handler, topic: str, event: Any, counters: DeliveryCou
     """Call `handler` with `event`, awaiting only what is awaitable.
 
     Returns True when the handler succeeded. Exceptions are logged and counted,
-    never raised; `CancelledError` always propagates.
+    never raised. `CancelledError` propagates when the calling task is being
+    cancelled; one the handler raised on its own (it awaited something that was
+    cancelled) is a handler error like any other, so it cannot end a delivery loop.
     """
     try:
         result = handler(event)
-        if inspect.isawaitable(result):
+        # Most handlers are coroutine functions: skip isawaitable()'s ABC checks for them.
+        if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
             await result
     except Exception:
-        counters.handler_errors += 1
-        log.exception(
-            "handler %r failed on topic %r, event id %r",
-            handler,
-            topic,
-            getattr(event, "id", None),
-        )
+        _handler_failed(handler, topic, event, counters)
+        return False
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        _handler_failed(handler, topic, event, counters)
         return False
     counters.delivered += 1
     return True
 
 
+def _handler_failed(handler: Handler, topic: str, event: Any, counters: DeliveryCounters) -> None:
+    counters.handler_errors += 1
+    log.exception(
+        "handler %r failed on topic %r, event id %r", handler, topic, getattr(event, "id", None)
+    )
+
+
 @dataclass(slots=True)
 class _KeyMembers:
+    key: SubscriptionKey
     handlers: list[Handler] = field(default_factory=list)
     next_index: int = 0
+    # Fan-out keys whose handlers have no other key own every event they receive:
+    # `recipients()` returns this tuple without asking each handler's owner key.
+    always: tuple[Handler, ...] | None = None
+    # The key's only handler, when it has no other key: it gets every event of the key.
+    sole: Handler | None = None
 
 
 class HandlerTable:
@@ -114,14 +131,16 @@ class HandlerTable:
         members = self._members.get(key)
         is_new = members is None
         if members is None:
-            members = self._members[key] = _KeyMembers()
+            members = self._members[key] = _KeyMembers(key)
             if key.pattern.is_wildcard:
                 self._wildcards.append(key)
             else:
                 self._exact.setdefault(key.pattern.fixed, []).append(key)
+        key = members.key  # one object per key: identity comparisons on the hot path
         if handler not in members.handlers:
             members.handlers.append(handler)
             self._keys_of.setdefault(handler, []).append(key)
+            self._refresh(handler)
         return key, is_new
 
     def remove(self, pattern: str, handler: Handler) -> list[SubscriptionKey]:
@@ -139,9 +158,25 @@ class HandlerTable:
             if not members.handlers:
                 self._drop_key(key)
                 emptied.append(key)
+            else:
+                self._refresh_key(members)
         if not self._keys_of.get(handler, True):
             del self._keys_of[handler]
+        else:
+            self._refresh(handler)
         return emptied
+
+    def _refresh(self, handler: Handler) -> None:
+        """Recompute the `always` tuples of every key `handler` is on (its key count changed)."""
+        for key in self._keys_of.get(handler, ()):
+            self._refresh_key(self._members[key])
+
+    def _refresh_key(self, members: _KeyMembers) -> None:
+        keys_of, handlers = self._keys_of, members.handlers
+        alone = [h for h in handlers if len(keys_of[h]) == 1]
+        every = len(alone) == len(handlers)
+        members.always = tuple(handlers) if members.key.group is None and every else None
+        members.sole = handlers[0] if len(handlers) == 1 and alone else None
 
     def _drop_key(self, key: SubscriptionKey) -> None:
         del self._members[key]
@@ -170,13 +205,18 @@ class HandlerTable:
         """Distinct handlers with at least one subscription."""
         return len(self._keys_of)
 
+    def sole(self, key: SubscriptionKey) -> Handler | None:
+        """The handler that receives every event of `key` and no other key's, if any."""
+        members = self._members.get(key)
+        return None if members is None else members.sole
+
     def keys_matching(self, topic: str) -> list[SubscriptionKey]:
         """Keys whose pattern covers `topic` (what a broker would deliver to)."""
         found = list(self._exact.get(topic, ()))
         found.extend(k for k in self._wildcards if k.pattern.matches(topic))
         return found
 
-    def recipients(self, key: SubscriptionKey, topic: str) -> list[Handler]:
+    def recipients(self, key: SubscriptionKey, topic: str) -> Sequence[Handler]:
         """Handlers that get an event that arrived for `key` on `topic`.
 
         Group keys yield one member (round robin). Fan-out keys yield each handler
@@ -184,12 +224,16 @@ class HandlerTable:
         """
         members = self._members.get(key)
         if members is None or not members.handlers:
-            return []
+            return ()
+        if members.always is not None:
+            return members.always
         if key.group is not None:
-            chosen = members.handlers[members.next_index % len(members.handlers)]
+            handlers = members.handlers
+            chosen = handlers[members.next_index % len(handlers)]
             members.next_index += 1
-            return [chosen]
-        return [h for h in members.handlers if self._owner_key(h, topic) == key]
+            return (chosen,)
+        key = members.key
+        return [h for h in members.handlers if self._owner_key(h, topic) is key]
 
     def _owner_key(self, handler: Handler, topic: str) -> SubscriptionKey | None:
         keys = self._keys_of.get(handler, ())
@@ -203,7 +247,11 @@ class Mailbox:
     """A handler's serial delivery queue: keeps per-topic order, isolates slow handlers.
 
     Each handler gets one worker task (owned by the transport's supervisor), so a
-    handler awaiting a nested request never blocks delivery to anyone else.
+    handler awaiting a nested request never blocks delivery to anyone else. A
+    backend that already runs one serial task per subscription key may instead call
+    the handler in that task (`enter_here` ... `leave_here`) while nothing of it is
+    queued or running: the worker then waits until that call is over, so the handler
+    still never runs twice at once and its events keep their order.
     """
 
     def __init__(
@@ -211,32 +259,62 @@ class Mailbox:
     ) -> None:
         self._handler = handler
         self._counters = counters
-        # A deque and an Event instead of asyncio.Queue: the worker drains a burst
-        # without a wake-up per event (this is the hot path of every backend).
+        # A deque and a bare future instead of asyncio.Queue or an Event: put() only
+        # wakes the worker when it is idle, and the worker drains a burst without a
+        # wake-up per event (this is the hot path of every backend).
         self._items: deque[tuple[str, Any]] = deque()
-        self._ready = asyncio.Event()
+        self._idle: asyncio.Future[None] | None = None
+        self._working = False  # the worker is inside the handler
+        self._here = False  # a delivery task is inside the handler (enter_here)
         self._task = supervisor.spawn(self._run(), name=f"mailbox:{handler!r}")
         self._supervisor = supervisor
 
     def put(self, topic: str, event: Any) -> None:
         """Queue one event; never blocks (the queue is unbounded, see `depth`)."""
         self._items.append((topic, event))
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            if not idle.done():
+                idle.set_result(None)
 
     @property
     def depth(self) -> int:
         """Events waiting for this handler."""
         return len(self._items)
 
+    @property
+    def busy(self) -> bool:
+        """True while events wait or the handler runs: a new event must queue behind them."""
+        return self._here or self._working or bool(self._items)
+
+    def enter_here(self) -> None:
+        """A delivery task calls the handler itself now (only when not `busy`)."""
+        self._here = True
+
+    def leave_here(self) -> None:
+        """That call is over; the worker takes events queued meanwhile."""
+        self._here = False
+        if self._items:
+            self._wake()
+
     async def _run(self) -> None:
-        items, ready, handler, counters = self._items, self._ready, self._handler, self._counters
+        items, handler, counters = self._items, self._handler, self._counters
+        loop = asyncio.get_running_loop()
         while True:
-            if not items:
-                ready.clear()
-                await ready.wait()
+            if not items or self._here:
+                self._idle = idle = loop.create_future()
+                await idle
                 continue
             topic, event = items.popleft()
-            await invoke(handler, topic, event, counters)
+            self._working = True
+            try:
+                await invoke(handler, topic, event, counters)
+            finally:
+                self._working = False
 
     async def close(self) -> None:
         """Stop the worker; queued events are dropped (the handler unsubscribed)."""

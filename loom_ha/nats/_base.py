@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from typing_extensions import Unpack, override
@@ -42,6 +43,36 @@ _LETTERS: EventCodec[CloudEvent] = EventCodec(
 )  # dead letters are bounded by max_payload instead
 
 
+class PatternLocks:
+    """One lock per subscription pattern, kept only while someone holds or waits for it.
+
+    `subscribe()` and `unsubscribe()` of one pattern hold it from the handler table
+    change until the broker side is done, so a subscriber joining a pattern never
+    returns before its native subscription is effective, and never loses it to the
+    teardown of the previous one (Loom subscribes and unsubscribes the same response
+    topic around every call, often concurrently).
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @asynccontextmanager
+    async def hold(self, pattern: str) -> AsyncIterator[None]:
+        """Hold the lock of `pattern` for the duration of the block."""
+        entry = self._locks.get(pattern)
+        if entry is None:
+            entry = self._locks[pattern] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[pattern]
+
+
 class NatsTransportBase(Transport):
     """Connection lifecycle shared by `NatsCoreTransport` and `JetStreamTransport`."""
 
@@ -62,7 +93,9 @@ class NatsTransportBase(Transport):
         self.codec: EventCodec[Any] = codec or EventCodec(loom_event_class())
         self._conn = NatsConnection(self.options, self.backend_name)
         self._local = LocalDelivery(f"loom_ha.{self.backend_name}", group_rule)
+        self._counters = self._local.counters
         self._lock = asyncio.Lock()
+        self._patterns = PatternLocks()
         self._forget_native()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -118,6 +151,10 @@ class NatsTransportBase(Transport):
             cancelled = True
         try:
             await self._conn.close()
+        except asyncio.CancelledError:
+            cancelled = True
+        try:
+            await self._local.settle()  # handler calls in nats-py's (now cancelled) tasks
         except asyncio.CancelledError:
             cancelled = True
         self._forget_native()
@@ -191,13 +228,19 @@ class NatsTransportBase(Transport):
             conn.state,
             endpoint=conn.endpoint,
             reconnects=conn.reconnects,
+            pending=self._pending(),
             extra={
                 "servers": list(self.options.servers),
                 "last_error": conn.last_error,
                 "reconnect_attempts": conn.reconnect_attempts,
+                "slow_consumer_drops": conn.slow_consumer_drops,
             }
             | self._extra_statistics(),
         )
 
     def _extra_statistics(self) -> dict[str, Any]:
         return {}
+
+    def _pending(self) -> int:
+        """Messages nats-py received for us and holds in its subscription queues."""
+        return 0

@@ -206,6 +206,14 @@ class PullConsumer:
         if status == "409" and "deleted" in description.lower():
             await _FOREVER.call(lambda: self._ensure(recreate=True))
             return 0
+        if status == "503":
+            # No responders: nothing serves this consumer's pull subject. Either it is
+            # gone (deleted behind our back) or a clustered consumer is electing a
+            # leader. Re-pulling alone would loop on 503 forever and, since 503s keep
+            # the loop from going idle, the idle check would never run: check now.
+            await asyncio.sleep(0.2)
+            await self._check_alive()
+            return 0
         if status not in ("404", "408", "409"):
             log.warning("consumer %s: pull status %s %s", self.name, status, description)
             await asyncio.sleep(0.5)

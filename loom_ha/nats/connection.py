@@ -7,6 +7,7 @@ Both delivery modes share it. It never gives up reconnecting unless told
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from typing import TypedDict
 from urllib.parse import urlsplit
 
+import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from loom_ha._state import StateCell, StateListener
 from loom_ha.errors import ConfigurationError, TransportClosedError
@@ -157,19 +160,29 @@ def _check_url(url: object) -> None:
         raise ConfigurationError(f"server URL {url!r}: unexpected path, query or fragment")
 
 
+class _ProbeDenied(Exception):
+    """The server refused a barrier probe (subject permissions)."""
+
+
 class NatsConnection:
     """One nats-py client: opened once, reconnects forever by default, reports its state."""
 
     def __init__(self, options: NatsOptions, backend: str) -> None:
         self.options = options
         self.backend = backend
-        self._cell = StateCell(f"loom_ha.{backend}")
+        self.cell = StateCell(f"loom_ha.{backend}")  # `.state` is read on every publish
         self.reconnects = 0
         self.generation = 0  # bumps on every reconnect: outstanding pulls must be re-issued
         self.last_error: str | None = None
         self.reconnect_attempts = 0  # failed attempts while reconnecting
+        self.slow_consumer_drops = 0  # messages nats-py dropped: a subscription's queue was full
         self._client: Client | None = None
         self._closing = False
+        # barrier(): probes this connection publishes to itself (see there).
+        self._probe_prefix = ""
+        self._probe_ids = itertools.count()
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._probe_denied = False  # the account may not publish to its inbox: flush instead
 
     @property
     def client(self) -> Client:
@@ -190,18 +203,18 @@ class NatsConnection:
     @property
     def state(self) -> TransportState:
         """The connection's current state."""
-        return self._cell.state
+        return self.cell.state
 
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Call `listener` on every state change; returns a function that removes it."""
-        return self._cell.add_listener(listener)
+        return self.cell.add_listener(listener)
 
     def _set_state(self, state: TransportState) -> None:
-        self._cell.set(state)
+        self.cell.set(state)
 
     async def wait_connected(self) -> None:
         """Return once connected (again)."""
-        await self._cell.wait_connected()
+        await self.cell.wait_connected()
 
     async def open(self) -> None:
         """Connect to the first reachable server within `connect_timeout`.
@@ -239,16 +252,63 @@ class NatsConnection:
                         reconnected_cb=self._on_reconnected,
                         closed_cb=self._on_closed,
                     )
+            self._probe_prefix = client.new_inbox()
+            with map_nats_errors(what=f"{self.backend}: barrier subscription"):
+                await client.subscribe(self._probe_prefix + ".*", cb=self._on_probe)
         except BaseException:
             await self.close()
             self._set_state(TransportState.DISCONNECTED)
             raise
         self._set_state(TransportState.CONNECTED)
 
+    async def barrier(self, timeout: float) -> None:
+        """Return once the server has processed every command sent on this connection so far.
+
+        nats-py's ``flush()`` cannot promise this: it writes its PING straight to the
+        socket, ahead of commands still waiting in the client's pending buffer (a SUB
+        made just before), so its PONG can come back before the server saw the SUB.
+        A probe message published to ourselves travels behind those commands instead,
+        and its echo proves the server processed everything before it.
+
+        Raises:
+            ConnectionLostError: no echo within `timeout` (reconnecting, or gone).
+        """
+        client = self.client
+        if self._probe_denied:
+            await self._flush(client, timeout)
+            return
+        subject = f"{self._probe_prefix}.{next(self._probe_ids)}"
+        echoed = asyncio.get_running_loop().create_future()
+        self._probes[subject] = echoed
+        try:
+            with map_nats_errors(what=f"{self.backend}: barrier"):
+                await client.publish(subject, b"")
+                async with asyncio.timeout(timeout):
+                    await echoed
+        except _ProbeDenied:
+            await self._flush(client, timeout)
+        finally:
+            self._probes.pop(subject, None)
+
+    async def _flush(self, client: Client, timeout: float) -> None:
+        """The fallback barrier: let nats-py's flusher write first, then PING/PONG."""
+        await asyncio.sleep(0)  # the flusher was woken before us: it writes the SUB first
+        with map_nats_errors(what=f"{self.backend}: flush"):
+            await client.flush(timeout=timeout)  # type: ignore[arg-type]
+
+    async def _on_probe(self, msg: Msg) -> None:
+        echoed = self._probes.pop(msg.subject, None)
+        if echoed is not None and not echoed.done():
+            echoed.set_result(None)
+
     async def close(self) -> None:
         """Close the socket and every nats-py task; finishes even when cancelled."""
         client, self._client = self._client, None
         self._closing = True
+        probes, self._probes = self._probes, {}
+        for echoed in probes.values():
+            if not echoed.done():
+                echoed.set_exception(TransportClosedError(f"{self.backend}: closed"))
         if client is None:
             return
         cancelled = False
@@ -268,7 +328,34 @@ class NatsConnection:
         self._set_state(state)
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # A handler fell ~512k messages (or 128 MB) behind: nats-py drops, we count.
+            self.slow_consumer_drops += 1
+            if self.slow_consumer_drops % 10_000 == 1:
+                log.warning(
+                    "%s: slow consumer on %s, messages dropped (%d so far)",
+                    self.backend,
+                    exc.subject,
+                    self.slow_consumer_drops,
+                )
+            return
         self.last_error = f"{type(exc).__name__}: {exc}"
+        text = str(exc).lower()  # nats-py lower-cases the server's -ERR text, subject included
+        probe = self._probe_prefix.lower()
+        if probe and "permissions violation" in text and probe in text:
+            if not self._probe_denied:
+                log.warning(
+                    "%s: may not use its inbox %s for subscribe barriers (%s); falling back to "
+                    "PING/PONG, which can confirm a subscription early under load",
+                    self.backend,
+                    self._probe_prefix,
+                    text,
+                )
+            self._probe_denied = True
+            probes, self._probes = self._probes, {}
+            for echoed in probes.values():
+                if not echoed.done():
+                    echoed.set_exception(_ProbeDenied())
         if self.state is TransportState.RECONNECTING:
             self.reconnect_attempts += 1
         log.debug("%s: %s", self.backend, self.last_error)

@@ -1,11 +1,13 @@
 """NatsCoreTransport: at-most-once delivery over core NATS subjects and queue groups.
 
 One native subscription per (pattern, group) on the narrowest covering subject;
-events are filtered exactly and delivered by `LocalDelivery`.
+events are filtered exactly and delivered by `LocalDelivery`, in the subscription's
+own nats-py task when the key has a single handler (see `deliver_serially`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,12 +20,40 @@ from loom_ha.errors import SerializationError
 from loom_ha.nats._base import NatsTransportBase
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.subjects import digest, safe_name
-from loom_ha.topics import validate_topic
-from loom_ha.transport import Capabilities, require_connected
+from loom_ha.transport import Capabilities, TransportState, require_connected
 
 __all__ = ["NatsCoreTransport", "NatsTransport"]
 
 log = logging.getLogger("loom_ha.nats")
+_CONNECTED = TransportState.CONNECTED
+
+
+class _Native:
+    """One native subscription and what its callback learns about its delivery task."""
+
+    __slots__ = ("drop_later", "sub", "task")
+
+    def __init__(self) -> None:
+        self.sub: Subscription | None = None
+        self.task: asyncio.Task[Any] | None = None  # nats-py's task that runs the callback
+        self.drop_later = False  # dropped from inside its own callback: unsubscribe after it
+
+    def learn_task(self) -> asyncio.Task[Any]:
+        """Remember the task nats-py runs the callback in (one per subscription)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        return task
+
+    async def unsubscribe(self, backend: str) -> None:
+        sub, self.sub = self.sub, None
+        if sub is None:
+            return
+        try:
+            with map_nats_errors(what="unsubscribe"):
+                await sub.unsubscribe()
+        except Exception as exc:  # the connection is gone: so is the subscription
+            log.debug("%s: unsubscribe: %s", backend, exc)
 
 
 def queue_name(key: SubscriptionKey) -> str:
@@ -61,7 +91,7 @@ class NatsCoreTransport(NatsTransportBase):
         cross_instance=True,
     )
 
-    _subs: dict[SubscriptionKey, Subscription]
+    _subs: dict[SubscriptionKey, _Native]
 
     def _forget_native(self) -> None:
         self._subs = {}
@@ -76,19 +106,24 @@ class NatsCoreTransport(NatsTransportBase):
             ConnectionLostError: the reconnect buffer is full.
             PublishError: the server refused it (e.g. larger than max_payload).
         """
-        self._check_can_send()
-        validate_topic(topic)
+        conn = self._conn
+        if conn.cell.state is not _CONNECTED:
+            self._check_can_send()
+        subject = self.subjects.publish_subject(topic)
         payload = self.codec.encode(event)
         try:
-            await self._conn.client.publish(self.subjects.subject(topic), payload)
+            await conn.client.publish(subject, payload)
         except Exception:  # mapped only on failure: the hot path skips the context manager
             with map_nats_errors(topic=topic, event_id=event.id, what="publish"):
                 raise
-        self._local.counters.published += 1
+        self._counters.published += 1
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
         """Deliver `topic` to `handler`; effective at the server when it returns.
+
+        Also when another call is subscribing or unsubscribing the same pattern at the
+        same time: every caller returns only once the native subscription is confirmed.
 
         Raises:
             NotConnectedError: not connected (or reconnecting).
@@ -98,38 +133,74 @@ class NatsCoreTransport(NatsTransportBase):
         require_connected(self._conn.state, self.backend_name)
         local = self._local
         group = local.resolve_group(topic, group)
-        key, is_new = local.add(topic, handler, group)
-        if not is_new:
-            return
-        client = self._conn.client
-        try:
-            with map_nats_errors(what=f"subscribe {topic!r}"):
-                sub = await client.subscribe(
-                    self.subjects.native(key.pattern),
-                    queue=queue_name(key) if key.group is not None else "",
-                    cb=self._callback(key),
-                )
-                self._subs[key] = sub
-                # The PONG proves the server processed our SUB: events published from now on arrive.
-                await client.flush(timeout=self.options.connect_timeout)  # type: ignore[arg-type]
-        except BaseException:
-            await self._drop(key)
-            await local.remove(topic, handler)
-            raise
+        async with self._patterns.hold(topic):
+            key, _ = local.add(topic, handler, group)
+            if key in self._subs:
+                return  # created and confirmed under this lock by an earlier call
+            native = self._subs[key] = _Native()
+            try:
+                with map_nats_errors(what=f"subscribe {topic!r}"):
+                    native.sub = await self._conn.client.subscribe(
+                        self.subjects.native(key.pattern),
+                        queue=queue_name(key) if key.group is not None else "",
+                        cb=self._callback(key, native),
+                    )
+                # The server processed our SUB once the barrier returns: events published
+                # from now on (by any connection to this server) reach us.
+                await self._conn.barrier(self.options.connect_timeout)
+            except BaseException:
+                for emptied in await local.remove(topic, handler):
+                    await self._drop(emptied)
+                raise
 
-    def _callback(self, key: SubscriptionKey) -> Any:
-        dispatch = self._local.dispatch
+    def _callback(self, key: SubscriptionKey, native: _Native) -> Any:
+        """The nats-py callback of `key`'s native subscription (the receive hot path).
+
+        nats-py runs it in one task per subscription, one message at a time, which is
+        what `deliver_serially` needs.
+        """
+        deliver = self._local.deliver_serially
         decode = self.codec.decode
+        malformed = self._malformed
+        backend = self.backend_name
+        if not key.pattern.is_wildcard:
+            # An exact pattern's native subject is its topic's subject: nothing to map
+            # back or filter (the subject encoding is reversible).
+            exact = key.pattern.fixed
+
+            async def on_exact(msg: Msg) -> None:
+                task = native.task or native.learn_task()
+                try:
+                    event = decode(msg.data)
+                except (SerializationError, ValueError) as exc:
+                    await malformed(msg, exc)
+                    return
+                if not native.drop_later:
+                    await deliver(key, exact, event, task)
+                if native.drop_later:
+                    await native.unsubscribe(backend)  # ends this task: nothing follows
+
+            return on_exact
+
         to_topic = self.subjects.topic
+        matches = key.pattern.matches
+        counters = self._counters
 
         async def on_message(msg: Msg) -> None:
+            task = native.task or native.learn_task()
             try:
                 topic = to_topic(msg.subject)
                 event = decode(msg.data)
             except (SerializationError, ValueError) as exc:
-                await self._malformed(msg, exc)
+                await malformed(msg, exc)
                 return
-            dispatch(key, topic, event)
+            if not native.drop_later:
+                if matches(topic):
+                    await deliver(key, topic, event, task)
+                else:
+                    counters.filtered += 1  # a wider native subject: the shared matcher decides
+            if native.drop_later:
+                await native.unsubscribe(backend)  # ends this task: nothing follows
 
         return on_message
 
@@ -152,22 +223,29 @@ class NatsCoreTransport(NatsTransportBase):
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Stop delivering `topic` to `handler`; unknown pairs are ignored."""
-        for key in await self._local.remove(topic, handler):
-            await self._drop(key)
+        async with self._patterns.hold(topic):
+            for key in await self._local.remove(topic, handler):
+                await self._drop(key)
 
     async def _drop(self, key: SubscriptionKey) -> None:
-        sub = self._subs.pop(key, None)
-        if sub is None:
+        native = self._subs.pop(key, None)
+        if native is None:
             return
-        try:
-            with map_nats_errors(what="unsubscribe"):
-                await sub.unsubscribe()
-        except Exception as exc:  # the connection is gone: so is the subscription
-            log.debug("%s: unsubscribe: %s", self.backend_name, exc)
+        if native.task is not None and native.task is asyncio.current_task():
+            # A handler running in this subscription's own task unsubscribed: nats-py
+            # would cancel that task, and with it the handler. Drop it once it returned.
+            native.drop_later = True
+            return
+        await native.unsubscribe(self.backend_name)
 
     @override
     def _extra_statistics(self) -> dict[str, Any]:
         return {"native_subscriptions": len(getattr(self, "_subs", {}))}
+
+    @override
+    def _pending(self) -> int:
+        # Events wait here, not in a mailbox, while a key's only handler is busy.
+        return sum(n.sub.pending_msgs for n in self._subs.values() if n.sub is not None)
 
 
 NatsTransport = NatsCoreTransport

@@ -8,6 +8,7 @@ per fan-out subscription (new events only). Dead letters go to their own stream.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import uuid
@@ -203,6 +204,7 @@ class JetStreamTransport(NatsTransportBase):
             timeout=publish_timeout, wait_initial=0.05, wait_max=1.0, wait_jitter=0.1
         )
         self._instance = uuid.uuid4().hex[:10]
+        self._fanout_ids = itertools.count(1)
         self._js: JetStreamContext | None = None
         self.replicas = self.stream.replicas or 1
         self.duplicates = 0  # publishes the stream recognised as already stored
@@ -264,10 +266,15 @@ class JetStreamTransport(NatsTransportBase):
 
     def consumer_name(self, key: SubscriptionKey) -> str:
         """Group members share a durable (same group + pattern, any process); a fan-out
-        subscription gets a consumer of its own."""
+        subscription gets a consumer of its own.
+
+        A fan-out name is never reused, not even for the same pattern: deleting the
+        previous consumer is best effort (bounded wait), and a late delete must not
+        remove the consumer of a newer subscription.
+        """
         if key.group is not None:
             return f"g_{safe_name(key.group)}_{digest(key.group, key.raw)}"
-        return f"f_{self._instance}_{digest(key.raw)}"
+        return f"f_{self._instance}_{digest(key.raw)}_{next(self._fanout_ids)}"
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -420,27 +427,32 @@ class JetStreamTransport(NatsTransportBase):
         require_connected(self._conn.state, self.backend_name)
         local = self._local
         group = local.resolve_group(topic, group)
-        key, is_new = local.table.add(topic, handler, group)
-        if not is_new:
-            return
-        consumer = PullConsumer(self, key, self.consumer_name(key))
-        self._consumers[key] = consumer
-        retry = RetryPolicy(timeout=self.consumer_options.subscribe_timeout, wait_max=1.0)
-        try:
-            await consumer.start(retry)
-        except BaseException:
-            self._consumers.pop(key, None)
-            local.table.remove(topic, handler)
-            await consumer.stop(delete=key.group is None)
-            raise
+        async with self._patterns.hold(topic):
+            key, _ = local.table.add(topic, handler, group)
+            if key in self._consumers:
+                return  # created under this lock by an earlier call: it exists
+            consumer = PullConsumer(self, key, self.consumer_name(key))
+            self._consumers[key] = consumer
+            retry = RetryPolicy(timeout=self.consumer_options.subscribe_timeout, wait_max=1.0)
+            try:
+                await consumer.start(retry)
+            except BaseException:
+                self._consumers.pop(key, None)
+                await consumer.stop(delete=key.group is None)
+                for emptied in local.table.remove(topic, handler):
+                    other = self._consumers.pop(emptied, None)
+                    if other is not None:
+                        await other.stop(delete=emptied.group is None)
+                raise
 
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Stop delivering `topic` to `handler`; a fan-out consumer is deleted."""
-        for key in await self._local.remove(topic, handler):
-            consumer = self._consumers.pop(key, None)
-            if consumer is not None:
-                await consumer.stop(delete=key.group is None)
+        async with self._patterns.hold(topic):
+            for key in await self._local.remove(topic, handler):
+                consumer = self._consumers.pop(key, None)
+                if consumer is not None:
+                    await consumer.stop(delete=key.group is None)
 
     @override
     def _extra_statistics(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import re
 from functools import lru_cache
 
 from loom_ha.errors import ConfigurationError
-from loom_ha.topics import PatternKind, TopicPattern
+from loom_ha.topics import PatternKind, TopicPattern, validate_topic
 
 __all__ = [
     "DEFAULT_DEAD_LETTER_PREFIX",
@@ -130,6 +130,25 @@ class SubjectCodec:
         self.all_dead_letters = dead_letter_prefix + ".>"
         self.subject = lru_cache(maxsize=16384)(self._subject)
         self.topic = lru_cache(maxsize=16384)(self._topic)
+        self._checked = lru_cache(maxsize=16384)(self._checked_subject)
+
+    def publish_subject(self, topic: str) -> str:
+        """The subject to publish `topic` on, after checking it is a publishable topic.
+
+        Cached: a topic seen before costs one dictionary lookup.
+
+        Raises:
+            ConfigurationError: the topic is empty, not a string, or contains ``*``.
+        """
+        try:
+            return self._checked(topic)
+        except TypeError:  # unhashable: certainly not a topic string
+            validate_topic(topic)
+            raise
+
+    def _checked_subject(self, topic: str) -> str:
+        validate_topic(topic)
+        return self._subject(topic)
 
     def _subject(self, topic: str) -> str:
         return self._head + ".".join(encode_token(t) for t in topic.split("/"))

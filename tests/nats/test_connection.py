@@ -57,7 +57,9 @@ async def test_tls_with_a_ca_file_and_a_context(server_launcher: ServerLauncher)
     assert server.ca_file is not None
     async with NatsCoreTransport([server.url], tls_ca_file=str(server.ca_file)) as core:
         await _round_trip(core)
-    async with JetStreamTransport([server.url], tls=server.ssl_context()) as js:
+    context = server.ssl_context()
+    assert context is not None
+    async with JetStreamTransport([server.url], tls=context) as js:
         got = Collector()
         await js.subscribe("tls/x", got)
         await js.publish("tls/x", _event())

@@ -22,7 +22,7 @@ from loom_ha.nats._errors import map_nats_errors
 
 
 def _nats_error_classes() -> list[type[BaseException]]:
-    found = []
+    found: list[type[BaseException]] = []
     for module in (nats.errors, nats.js.errors):
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, nats.errors.Error):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -116,7 +117,7 @@ async def test_malformed_messages_are_counted_and_dead_lettered(
 ) -> None:
     """Bytes that are no valid CloudEvent are counted, dead-lettered with why, and skipped."""
     got = Collector()
-    codec = EventCodec(max_size=256)
+    codec: EventCodec[CloudEvent] = EventCodec(max_size=256)
     letters = await _watch_dead_letters(raw, topic)
     async with JetStreamTransport([nats_server.url], consumer=FAST, codec=codec) as js:
         await js.subscribe(topic, got)
@@ -195,3 +196,71 @@ async def test_publish_many_pipelines_and_confirms(nats_server: NatsServer, topi
         await js.publish_many((topic, e) for e in events)
         await got.wait_for(500)
     assert sorted(got.ids) == sorted(e.id for e in events)
+
+
+async def test_consumer_deleted_between_pulls_is_recreated(
+    nats_server: NatsServer, topic: str, raw: Any
+) -> None:
+    """A consumer deleted while no pull waits makes the next pull bounce with 503 (no
+    responders); the subscription recreates it instead of re-pulling into 503 forever."""
+    release = asyncio.Event()
+    got = Collector()
+
+    async def blocking(event: Any) -> None:
+        await got(event)
+        if event.data["n"] == 0:
+            await release.wait()  # no pull is outstanding while this runs (batch=1)
+
+    one_by_one = ConsumerOptions(heartbeat=0.5, pull_expires=5.0, batch=1)
+    async with JetStreamTransport([nats_server.url], consumer=one_by_one) as js:
+        await js.subscribe(topic, blocking)
+        await js.publish(topic, _event(0))
+        await got.wait_for(1)
+        (name,) = js.statistics().extra["consumers"]  # type: ignore[index]
+        await raw.jetstream().delete_consumer(js.stream.name, name)
+        release.set()
+        after = _event(1)
+        await js.publish(topic, after)
+        await got.wait_for(2, within=15)
+        assert js.statistics().extra["consumers_recreated"] >= 1  # type: ignore[index]
+    assert got.ids[-1] == after.id
+
+
+async def test_resubscribing_while_unsubscribing_keeps_delivering(
+    nats_server: NatsServer, topic: str
+) -> None:
+    """Subscribing a pattern while its last handler is being unsubscribed (Loom does this
+    around every call to the same node) gets a consumer that the teardown of the old
+    one cannot delete."""
+    leaving, staying = Collector("leaving"), Collector("staying")
+    async with (
+        JetStreamTransport([nats_server.url], consumer=FAST) as sub,
+        JetStreamTransport([nats_server.url]) as pub,
+    ):
+        await sub.subscribe(topic, leaving)
+        going = asyncio.create_task(sub.unsubscribe(topic, leaving))
+        await asyncio.sleep(0)  # the old consumer is now being stopped and deleted
+        await sub.subscribe(topic, staying)
+        await going
+        event = _event()
+        await pub.publish(topic, event)
+        await staying.wait_for(1, within=10)
+    assert staying.ids == [event.id] and leaving.ids == []
+
+
+async def test_concurrent_subscribers_of_a_pattern_wait_for_the_consumer(
+    nats_server: NatsServer, topic: str
+) -> None:
+    """A second subscribe() of a pattern whose consumer is still being created returns only
+    once it exists: the event published next is not skipped by a consumer created later."""
+    first, second = Collector("first"), Collector("second")
+    async with JetStreamTransport([nats_server.url], consumer=FAST) as js:
+        joining = asyncio.create_task(js.subscribe(topic, first))
+        await asyncio.sleep(0)  # the first call is now creating the consumer
+        await js.subscribe(topic, second)
+        assert joining.done(), "returned before the consumer was created"
+        event = _event()
+        await js.publish(topic, event)
+        await second.wait_for(1, within=10)
+        await first.wait_for(1, within=10)
+    assert first.ids == second.ids == [event.id]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Self, TypeAlias
 
@@ -133,6 +133,16 @@ class Transport(ABC):
             NotConnectedError: not connected.
             ConfigurationError: `topic` is empty or contains ``*``.
         """
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish `(topic, event)` pairs in order, each with `publish()`'s promise.
+
+        Backends that can pipeline (Redis, JetStream) send many per round trip; this
+        default publishes one after another. Either way a bad item raises after
+        every item before it was published, and none after it is.
+        """
+        for topic, event in items:
+            await self.publish(topic, event)
 
     @abstractmethod
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

@@ -12,7 +12,7 @@ import itertools
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -361,7 +361,7 @@ class JetStreamTransport(NatsTransportBase):
 
         await self._publish_retry.call(once)
 
-    async def publish_async(self, topic: str, event: Any) -> Awaitable[None]:
+    async def publish_async(self, topic: str, event: Any) -> Coroutine[Any, Any, None]:
         """Send `event` without waiting for the stream's ack; await the result for it.
 
         The returned awaitable completes once the event is stored (retrying like
@@ -392,13 +392,27 @@ class JetStreamTransport(NatsTransportBase):
         """Publish `(topic, event)` pairs pipelined; returns once all are stored.
 
         Raises:
-            LoomHAError: the first failure (the others were still awaited).
+            LoomHAError: the first failure (the others were still awaited). A bad item
+                (topic or event) raises after the items before it were stored; the items
+                after it are not sent.
         """
-        pending = [await self.publish_async(topic, event) for topic, event in items]
+        pending: list[Coroutine[Any, Any, None]] = []
+        bad_item: LoomHAError | None = None
+        try:
+            for topic, event in items:
+                pending.append(await self.publish_async(topic, event))
+        except LoomHAError as exc:
+            bad_item = exc
+        except BaseException:  # cancelled: the acks are no longer anyone's to wait for
+            for confirm in pending:
+                confirm.close()
+            raise
         results = await asyncio.gather(*pending, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if bad_item is not None:
+            raise bad_item
 
     async def dead_letter(
         self, reason: str, topic: str, origin: str, attempts: int, raw: bytes, msg_id: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from typing_extensions import override
@@ -23,6 +23,7 @@ from loom_ha.event import DEFAULT_MAX_SIZE, CloudEvent, EventCodec
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.url import RedisSettings, settings_from
 from loom_ha.retry import RetryPolicy
+from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     GroupRule,
     Transport,
@@ -37,6 +38,10 @@ log = logging.getLogger("loom_ha.redis")
 DEAD_LETTER_STREAM = "loom:deadletter"
 # Dead letters are kept like events, but bounded so a poison flood cannot fill memory.
 DEAD_LETTER_MAXLEN = 100_000
+# Commands per round trip of `publish_many` (bounds the reply backlog and one retry's size).
+PIPELINE_BATCH = 512
+
+Encoded = tuple[str, bytes]  # (topic, the event's wire bytes)
 
 
 class RedisTransportBase(Transport):
@@ -193,6 +198,63 @@ class RedisTransportBase(Transport):
     @abstractmethod
     async def _stop_mode(self) -> None:
         """Stop mode-specific background work and forget subscriptions (idempotent)."""
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    @override
+    async def publish(self, topic: str, event: Any) -> None:
+        """Send `event` in one round trip, with the mode's promise (see the class docstring).
+
+        Raises:
+            FailoverExhaustedError: no master took it within `publish_timeout`.
+        """
+        require_connected(self._state, self.backend)
+        await self._send((self.encoded(topic, event),))
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish `(topic, event)` pairs pipelined and in order, `PIPELINE_BATCH` per round trip.
+
+        Each event gets `publish()`'s promise; a batch is sent, confirmed or retried as a
+        whole, so one round trip serves hundreds of events instead of one.
+
+        Raises:
+            ConfigurationError / SerializationError: an item's topic or event is bad;
+                the items before it were published, it and the ones after were not.
+            FailoverExhaustedError: as `publish()`, for the batch being sent.
+        """
+        require_connected(self._state, self.backend)
+        batch: list[Encoded] = []
+        for topic, event in items:
+            try:
+                batch.append(self.encoded(topic, event))
+            except LoomHAError:
+                if batch:  # the items before the bad one are published, as one by one would
+                    await self._send(batch)
+                raise
+            if len(batch) == PIPELINE_BATCH:
+                await self._send(batch)
+                batch = []
+        if batch:
+            await self._send(batch)
+
+    def encoded(self, topic: str, event: Any) -> Encoded:
+        """`(topic, wire bytes)` of one item, checked.
+
+        Raises:
+            ConfigurationError: `topic` is not a valid topic.
+            SerializationError: `event` cannot be encoded.
+        """
+        validate_topic(topic)
+        return (topic, self.codec.encode(event))
+
+    async def send_encoded(self, batch: Sequence[Encoded]) -> None:
+        """Send encoded items in order, `PIPELINE_BATCH` per round trip."""
+        for start in range(0, len(batch), PIPELINE_BATCH):
+            await self._send(batch[start : start + PIPELINE_BATCH])
+
+    @abstractmethod
+    async def _send(self, batch: Sequence[Encoded]) -> None:
+        """Send encoded events in one round trip, with this mode's delivery promise."""
 
     # -- shared helpers --------------------------------------------------------------------------
 

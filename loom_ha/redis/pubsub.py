@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
@@ -23,11 +24,11 @@ from loom_ha.errors import (
     LoomHAError,
     UnsupportedCapabilityError,
 )
-from loom_ha.redis._base import RedisTransportBase
+from loom_ha.redis._base import Encoded, RedisTransportBase
 from loom_ha.redis._errors import map_redis_errors
 from loom_ha.redis._roundtrip import UnconfirmedError
 from loom_ha.redis.connection import checkpoint
-from loom_ha.topics import PatternKind, TopicPattern, validate_topic
+from loom_ha.topics import PatternKind, TopicPattern
 from loom_ha.transport import Capabilities, require_connected
 
 log = logging.getLogger("loom_ha.redis.pubsub")
@@ -77,6 +78,10 @@ class RedisPubSubTransport(RedisTransportBase):
     `UnsupportedCapabilityError`, and groups made by the default rule
     (``node.request/<node>``) are treated as fan-out, with a warning logged once.
     Use `RedisStreamsTransport` when several instances of a node run.
+
+    `publish()` is at-most-once and never sends an event twice: when the connection
+    fails after the PUBLISH was written it is not re-sent (see `_send`);
+    `publish_many()` pipelines many PUBLISHes per round trip.
 
     Args:
         url: ``redis://``, ``rediss://`` or ``redis+sentinel://`` (see `loom_ha.redis.url`).
@@ -143,37 +148,33 @@ class RedisPubSubTransport(RedisTransportBase):
     # -- Transport -------------------------------------------------------------------------------
 
     @override
-    async def publish(self, topic: str, event: Any) -> None:
-        """PUBLISH `event`; retried while the master is away, up to `publish_timeout`.
+    async def _send(self, batch: Sequence[Encoded]) -> None:
+        """PUBLISH the batch; retried while the master is away, up to `publish_timeout`.
 
         At-most-once: an event is lost when nobody is subscribed at that moment, and
         it is never sent twice. Only attempts that cannot have reached Redis are
-        retried; when the connection fails after the PUBLISH was written (no reply in
-        `socket_timeout`, a dropped connection) it is not re-sent: `publish()` returns,
-        the event may or may not have been delivered, and
-        ``statistics().extra["unconfirmed"]`` counts it.
-
-        Raises:
-            FailoverExhaustedError: no master to send to within `publish_timeout`.
+        retried; when the connection fails after the PUBLISHes were written (no reply
+        in `socket_timeout`, a dropped connection) they are not re-sent: the call
+        returns, the events may or may not have been delivered, and
+        ``statistics().extra["unconfirmed"]`` counts them.
         """
-        require_connected(self._state, self.backend)
-        validate_topic(topic)
-        command = (b"PUBLISH", self.channel_prefix + wire(topic), self.codec.encode(event))
+        prefix = self.channel_prefix
+        commands = [(b"PUBLISH", prefix + wire(topic), payload) for topic, payload in batch]
+        what = f"PUBLISH {batch[0][0]!r}" + (f" (+{len(batch) - 1} more)" if len(batch) > 1 else "")
         try:
             await self.connector.execute(
-                (command,), policy=self.publish_policy, what=f"PUBLISH {topic!r}", resend=False
+                commands, policy=self.publish_policy, what=what, resend=False
             )
         except UnconfirmedError as exc:
-            self.unconfirmed += 1
+            self.unconfirmed += len(batch)
             log.warning(
-                "redis-pubsub: event %r on %r may not have been delivered (not re-sent: "
+                "redis-pubsub: %d event(s) may not have been delivered (not re-sent: "
                 "Pub/Sub is at-most-once): %s",
-                getattr(event, "id", None),
-                topic,
+                len(batch),
                 exc,
             )
             return
-        self.local.counters.published += 1
+        self.local.counters.published += len(batch)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

@@ -22,14 +22,15 @@ from typing_extensions import override
 from loom_ha._handlers import Handler, SubscriptionKey
 from loom_ha.errors import ConfigurationError, ConnectionLostError
 from loom_ha.policy import DeliveryPolicy
-from loom_ha.redis._base import RedisTransportBase
+from loom_ha.redis._base import Encoded, RedisTransportBase
 from loom_ha.redis._consumer import StreamConsumer
 from loom_ha.redis.pubsub import unwire, wire
-from loom_ha.topics import validate_topic
 from loom_ha.transport import Capabilities, require_connected
 
 # Publishers re-add a stream to the registry this often (it may have been lost).
 REGISTER_EVERY = 10.0
+
+Entry = tuple[bytes, dict[bytes, bytes]]  # (stream key, entry fields)
 
 
 class RedisStreamsTransport(RedisTransportBase):
@@ -160,42 +161,42 @@ class RedisStreamsTransport(RedisTransportBase):
     # -- Transport -------------------------------------------------------------------------------
 
     @override
-    async def publish(self, topic: str, event: Any) -> None:
-        """XADD `event`; returns once Redis (and `wait_replicas` replicas) have it.
+    async def _send(self, batch: Sequence[Encoded]) -> None:
+        """XADD the batch; returns once Redis (and `wait_replicas` replicas) have it.
 
         While the master is away the append is retried (a retry may duplicate an
         event whose reply was lost: consumers deduplicate on ``source`` + ``id``).
-
-        Raises:
-            FailoverExhaustedError: not stored within `publish_timeout`.
         """
-        require_connected(self._state, self.backend)
-        validate_topic(topic)
-        fields = {b"event": self.codec.encode(event)}
-        await self.append(self.stream_key(topic), fields, what=f"XADD {topic!r}")
-        self.local.counters.published += 1
+        entries = [(self.stream_key(topic), {b"event": payload}) for topic, payload in batch]
+        what = f"XADD {batch[0][0]!r}" + (f" (+{len(batch) - 1} more)" if len(batch) > 1 else "")
+        await self.append(entries, what=what)
+        self.local.counters.published += len(batch)
 
-    async def append(self, stream: bytes, fields: dict[bytes, bytes], *, what: str) -> None:
-        """XADD (plus registry SADD and WAIT when needed) in one round trip, retried.
+    async def append(self, entries: Sequence[Entry], *, what: str) -> None:
+        """XADD `(stream, fields)` entries (plus registry SADD and WAIT) in one round trip.
 
-        A retry after the entry may already be stored (no reply, or too few replicas
-        confirmed it) appends it again: at-least-once. Each such re-send is counted in
-        ``statistics().extra["resent"]`` (an upper bound of the duplicates written).
+        A retry after the entries may already be stored (no reply, or too few replicas
+        confirmed them) appends them again: at-least-once. Each re-sent entry is counted
+        in ``statistics().extra["resent"]`` (an upper bound of the duplicates written).
         """
         now = time.monotonic()
         if self._registered_generation != self.connector.generation:
             # A new master (or a restarted server) may have lost the registry: re-add.
             self._registered.clear()
             self._registered_generation = self.connector.generation
-        register = now - self._registered.get(stream, -1e9) > REGISTER_EVERY
+        commands: list[Sequence[Any]] = []
+        register: set[bytes] = set()
+        for stream, fields in entries:
+            xadd: list[Any] = [b"XADD", stream, b"MAXLEN", b"~", self.maxlen, b"*"]
+            for name, value in fields.items():
+                xadd += (name, value)
+            commands.append(xadd)
+            if now - self._registered.get(stream, -1e9) > REGISTER_EVERY:
+                register.add(stream)
+        if register:
+            commands.append((b"SADD", self.registry_key, *register))
         replicas = self.wait_replicas
         wait_ms = int(self.wait_timeout * 1000)
-        xadd: list[Any] = [b"XADD", stream, b"MAXLEN", b"~", self.maxlen, b"*"]
-        for name, value in fields.items():
-            xadd += (name, value)
-        commands: list[Sequence[Any]] = [xadd]
-        if register:
-            commands.append((b"SADD", self.registry_key, stream))
         if replicas:
             commands.append((b"WAIT", replicas, wait_ms))
 
@@ -205,19 +206,19 @@ class RedisStreamsTransport(RedisTransportBase):
                     f"only {replies[-1]} of {replicas} replicas confirmed within {wait_ms} ms"
                 )
 
+        def count_resend() -> None:
+            self.resent += len(entries)
+
         await self.connector.execute(
             commands,
             policy=self.publish_policy,
             what=what,
             resend=True,
             check=enough_replicas,
-            on_resend=self._count_resend,
+            on_resend=count_resend,
         )
-        if register:
+        for stream in register:
             self._registered[stream] = now
-
-    def _count_resend(self) -> None:
-        self.resent += 1
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

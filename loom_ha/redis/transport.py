@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
-from loom_ha.errors import UnsupportedCapabilityError
-from loom_ha.redis._base import RedisTransportBase
+from loom_ha.errors import LoomHAError, UnsupportedCapabilityError
+from loom_ha.redis._base import Encoded, RedisTransportBase
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.pubsub import RedisPubSubTransport
 from loom_ha.redis.routing import Mode, ModeRouter, weakest
 from loom_ha.redis.streams import RedisStreamsTransport
+from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Transport,
     TransportState,
@@ -188,6 +189,29 @@ class RedisTransport(Transport):
         """
         require_connected(self._state, self.backend)
         await self._modes[self.router.mode_of(topic)].publish(topic, event)
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """Publish `(topic, event)` pairs pipelined, each in its topic's mode.
+
+        The items are encoded first, then each mode's share is sent in order (see
+        `RedisTransportBase.publish_many`); a bad item raises after the items before
+        it were published, and none after it is.
+        """
+        require_connected(self._state, self.backend)
+        shares: dict[Mode, list[Encoded]] = {}
+        try:
+            for topic, event in items:
+                validate_topic(topic)
+                mode = self.router.mode_of(topic)
+                shares.setdefault(mode, []).append(self._modes[mode].encoded(topic, event))
+        except LoomHAError:
+            await self._send_shares(shares)
+            raise
+        await self._send_shares(shares)
+
+    async def _send_shares(self, shares: dict[Mode, list[Encoded]]) -> None:
+        for mode, share in shares.items():
+            await self._modes[mode].send_encoded(share)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

@@ -326,6 +326,36 @@ class TransportConformance:
             await got.wait_for(count, within=60)
         assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
 
+    async def test_publish_many_keeps_order_per_topic(self, backend: Backend, prefix: str) -> None:
+        """`publish_many` delivers every event, in order per topic, over several batches."""
+        got_a, got_b = collectors("a", "b")
+        items = [(prefix + ("pa" if n % 3 else "pb"), make_event(n)) for n in range(1_200)]
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "pa", got_a)
+            await sub.subscribe(prefix + "pb", got_b)
+            await pub.publish_many(items)
+            sent_a = [e.id for t, e in items if t.endswith("pa")]
+            sent_b = [e.id for t, e in items if t.endswith("pb")]
+            await got_a.wait_for(len(sent_a))
+            await got_b.wait_for(len(sent_b))
+        ordered, dedupe = backend.capabilities.ordered, backend.capabilities.at_least_once
+        assert_all_received(sent_a, got_a.ids, ordered=ordered, dedupe=dedupe)
+        assert_all_received(sent_b, got_b.ids, ordered=ordered, dedupe=dedupe)
+
+    async def test_publish_many_stops_at_a_bad_item(self, backend: Backend, prefix: str) -> None:
+        """A bad item raises; every item before it was published, none after it."""
+        got = Collector()
+        before = [(prefix + "m", make_event(n)) for n in range(600)]
+        after = [(prefix + "m", make_event(n)) for n in range(600, 610)]
+        async with backend.peers(2) as (sub, pub):
+            await sub.subscribe(prefix + "m", got)
+            with pytest.raises(ConfigurationError, match=r"x\*"):
+                await pub.publish_many([*before, (prefix + "x*", make_event()), *after])
+            await got.wait_for(len(before))
+            await asyncio.sleep(backend.settle)
+        sent = [e.id for _, e in before]
+        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+
     async def test_invalid_topics_are_rejected(self, backend: Backend, prefix: str) -> None:
         """Bad patterns and bad publish topics fail with ConfigurationError naming them."""
         async with backend.peers(1) as (transport,):

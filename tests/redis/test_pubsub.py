@@ -201,3 +201,33 @@ async def test_dropped_listener_does_not_cut_publishes(
 async def _publish_many(t: RedisPubSubTransport, topic: str, count: int) -> None:
     for n in range(count):
         await t.publish(topic, _event(n))
+
+
+@pytest.mark.chaos
+async def test_pipelined_publishes_without_reply_are_not_sent_twice(
+    server_launcher: ServerLauncher,
+) -> None:
+    """A `publish_many` batch whose replies time out is not re-sent; each event is counted."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    async with (
+        RedisPubSubTransport(server.url, health_check_interval=30) as sub,
+        RedisPubSubTransport(server.url, socket_timeout=0.3) as pub,
+    ):
+        await sub.subscribe("many/x", got)
+        batch = [_event(n) for n in range(50)]
+        server.pause()  # the batch is written, but Redis runs it only after resume()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pub.publish_many(("many/x", e) for e in batch))
+                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
+                server.resume()
+        finally:
+            server.resume()
+        marker = _event(99)
+        await pub.publish("many/x", marker)
+        await got.wait_until(lambda: marker.id in got.ids, what=lambda: "the marker")
+        stats = pub.statistics()
+    assert got.ids == [e.id for e in batch] + [marker.id]  # each once, in order
+    assert stats.extra is not None and stats.extra["unconfirmed"] == len(batch)
+    assert stats.published == 1  # only the marker was confirmed

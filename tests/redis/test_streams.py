@@ -185,3 +185,31 @@ async def test_append_without_reply_is_resent_and_counted(server_launcher: Serve
         stats = pub.statistics()
     assert stats.extra is not None and stats.extra["resent"] == 1
     assert got.ids == [sent.id, sent.id]  # the duplicate at-least-once allows (and counts)
+
+
+@pytest.mark.chaos
+async def test_pipelined_appends_without_reply_are_resent_and_counted(
+    server_launcher: ServerLauncher,
+) -> None:
+    """A `publish_many` batch whose replies time out is sent again whole, and counted."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    async with (
+        RedisStreamsTransport(server.url) as sub,
+        RedisStreamsTransport(server.url, socket_timeout=0.3) as pub,
+    ):
+        await sub.subscribe("resend-many/x", got)
+        batch = [_event(n) for n in range(50)]
+        server.pause()  # the batch is written, but Redis runs it only after resume()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pub.publish_many(("resend-many/x", e) for e in batch))
+                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
+                server.resume()
+        finally:
+            server.resume()
+        await got.wait_for(2 * len(batch))
+        stats = pub.statistics()
+    assert stats.extra is not None and stats.extra["resent"] == len(batch)
+    ids = [e.id for e in batch]
+    assert got.ids == ids + ids  # the duplicates at-least-once allows (and counts)

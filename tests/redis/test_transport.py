@@ -280,3 +280,63 @@ async def test_both_modes_share_one_set_of_connections(
         RedisPubSubTransport(redis_server.url), RedisStreamsTransport(redis_server.url)
     )
     assert shared < separate, (shared, separate)
+
+
+# -- pipelined publishing ----------------------------------------------------------------------
+
+
+def _count_round_trips(transport: Any) -> list[int]:
+    """Record the number of commands of each round trip the transport's connector makes."""
+    sizes: list[int] = []
+    execute = transport.connector.execute
+
+    async def counted(commands: Any, **kwargs: Any) -> Any:
+        sizes.append(len(commands))
+        return await execute(commands, **kwargs)
+
+    transport.connector.execute = counted
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["pubsub", "streams"])
+async def test_publish_many_sends_batches_in_one_round_trip_each(
+    redis_server: RedisServer, tag: str, mode: str
+) -> None:
+    """1,200 events take 3 round trips (512 + 512 + 176 commands), and arrive in order."""
+    got = Collector()
+    async with (
+        RedisTransport(redis_server.url, mode=mode) as sub,
+        RedisTransport(redis_server.url, mode=mode) as pub,
+    ):
+        await sub.subscribe(tag + "x", got)
+        sizes = _count_round_trips(pub)
+        events = [_event(n) for n in range(1_200)]
+        await pub.publish_many((tag + "x", event) for event in events)
+        await got.wait_for(len(events))
+        stats = pub.statistics()
+    # Streams adds one SADD (the new stream's registry entry) to the first round trip.
+    assert sizes == ([513] if mode == "streams" else [512]) + [512, 176]
+    assert_all_received([e.id for e in events], got.ids, ordered=True)
+    assert stats.published == 1_200
+
+
+async def test_mixed_publish_many_batches_each_modes_share(
+    redis_server: RedisServer, tag: str
+) -> None:
+    """A mixed transport sends each mode's share pipelined: a round trip per mode here."""
+    rules = {tag + "fast/*": "pubsub"}
+    fast, slow = Collector("fast"), Collector("slow")
+    async with (
+        RedisTransport(redis_server.url, topic_modes=rules) as sub,
+        RedisTransport(redis_server.url, topic_modes=rules) as pub,
+    ):
+        await sub.subscribe(tag + "fast/x", fast)
+        await sub.subscribe(tag + "slow/x", slow)
+        sizes = _count_round_trips(pub)
+        items = [(tag + ("fast/x" if n % 2 else "slow/x"), _event(n)) for n in range(300)]
+        await pub.publish_many(items)
+        await fast.wait_for(150)
+        await slow.wait_for(150)
+    assert sorted(sizes) == [150, 151]  # 150 PUBLISH; 150 XADD + 1 SADD
+    assert fast.ids == [e.id for t, e in items if t.endswith("fast/x")]
+    assert slow.ids == [e.id for t, e in items if t.endswith("slow/x")]

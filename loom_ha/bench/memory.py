@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loom_ha.bench.core import BenchRow, measure_latency, measure_throughput
+from loom_ha.bench.core import (
+    LATENCY_P50,
+    LATENCY_P99,
+    BenchRow,
+    compare,
+    compared_row,
+    latency_of,
+    measure_latency,
+    measure_throughput,
+    throughput_of,
+)
 
 
 def loom_event_factory() -> Callable[[int], Any]:
@@ -19,31 +29,38 @@ def loom_event_factory() -> Callable[[int], Any]:
     return make
 
 
-async def memory_rows(events: int, pings: int) -> list[BenchRow]:
+async def memory_rows(events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
     """loom-ha's InMemoryTransport beside loom-agent's own in-memory transport."""
     from loom_ha.memory import InMemoryTransport
 
     make_event = loom_event_factory()
-    baseline_factory: Callable[[], Any] | None
     try:
         from loom.infra.transport.memory import InMemoryTransport as LoomMemory
-
-        baseline_factory = LoomMemory
     except ImportError:
-        baseline_factory = None
-    base_name = "loom-agent InMemoryTransport" if baseline_factory else "(loom not installed)"
+        tp = await measure_throughput(InMemoryTransport, make_event, events)
+        p50, p99 = await measure_latency(InMemoryTransport, make_event, pings)
+        name = "(loom not installed)"
+        return [
+            BenchRow("memory throughput", "events/s", tp, None, name),
+            BenchRow("memory ping-pong p50", "ms", p50, None, name, False),
+            BenchRow("memory ping-pong p99", "ms", p99, None, name, False),
+        ]
 
-    ours_tp = await measure_throughput(InMemoryTransport, make_event, events)
-    ours_p50, ours_p99 = await measure_latency(InMemoryTransport, make_event, pings)
-    base_tp = base_p50 = base_p99 = None
-    if baseline_factory is not None:
-        base_tp = await measure_throughput(baseline_factory, make_event, events)
-        base_p50, base_p99 = await measure_latency(baseline_factory, make_event, pings)
-    return [
-        BenchRow("memory throughput", "events/s", ours_tp, base_tp, base_name),
-        BenchRow("memory ping-pong p50", "ms", ours_p50, base_p50, base_name, False),
-        BenchRow("memory ping-pong p99", "ms", ours_p99, base_p99, base_name, False),
-    ]
+    name = "loom-agent InMemoryTransport"
+    results = await compare(
+        throughput_of(InMemoryTransport, make_event, events),
+        throughput_of(LoomMemory, make_event, events),
+        rounds,
+    )
+    rows = [compared_row("memory throughput", "events/s", results, name)]
+    results = await compare(
+        latency_of(InMemoryTransport, make_event, pings),
+        latency_of(LoomMemory, make_event, pings),
+        rounds,
+    )
+    rows.append(compared_row("memory ping-pong p50", "ms", results, name, **LATENCY_P50))
+    rows.append(compared_row("memory ping-pong p99", "ms", results, name, **LATENCY_P99))
+    return rows
 
 
 def codec_rows() -> list[BenchRow]:

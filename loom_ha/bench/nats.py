@@ -12,7 +12,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loom_ha.bench.core import BenchRow, measure_latency, measure_throughput
+from loom_ha.bench.core import (
+    LATENCY_P50,
+    LATENCY_P99,
+    BenchRow,
+    Figures,
+    Measure,
+    compare,
+    compared_row,
+    latency_of,
+    throughput_of,
+)
 from loom_ha.bench.memory import loom_event_factory
 
 RAW = "raw nats-py (same work, same codec)"
@@ -160,23 +170,8 @@ class _RawAckPublish(RawJetStream):
         await self._js.publish(self._subject(topic), self._codec.encode(event), headers=headers)
 
 
-_Maker = tuple[Callable[[], Any], Callable[[int], Any]]
-
-
-async def _paired_throughput(
-    ours: _Maker, baseline: _Maker, events: int, rounds: int = 5
-) -> tuple[float, float]:
-    """Best of `rounds` interleaved runs of each: on a shared machine a slow spell then
-    hits both sides alike instead of deciding the ratio (one run each swung it ±30 %)."""
-    best_ours = best_base = 0.0
-    for _ in range(rounds):
-        best_ours = max(best_ours, await measure_throughput(*ours, events))
-        best_base = max(best_base, await measure_throughput(*baseline, events))
-    return best_ours, best_base
-
-
-async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRow]:
-    """NATS core and JetStream figures, each beside raw nats-py measured in the same run."""
+async def nats_rows(servers: list[str], events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
+    """NATS core and JetStream figures, each beside raw nats-py in `rounds` alternating rounds."""
     from loom_ha.event import EventCodec, loom_event_class
     from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
 
@@ -203,29 +198,37 @@ async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRo
         async def subscribe(self, topic: str, handler: Any) -> None:
             await self._t.subscribe(topic, handler, group="bench")
 
-    ours, raw = await _paired_throughput(
-        (core, make_event), (lambda: RawCore(servers, codec=codec), make_event), events
-    )
-    rows.append(BenchRow("nats core throughput", "events/s", ours, raw, RAW))
-    ours, raw = await _paired_throughput(
-        (GroupCore, make_event),
-        (lambda: RawCore(servers, codec=codec, queue="q"), make_event),
-        events,
-    )
-    rows.append(BenchRow("nats core queue-group throughput", "events/s", ours, raw, RAW))
     payloads = [codec.encode(make_event(i)) for i in range(events)]
-    ours, raw = await _paired_throughput(
-        (core, make_event),
-        (lambda: RawCore(servers, codec=_Bytes()), lambda i: payloads[i]),
-        events,
+    for name, ours, raw, make_raw_event, raw_name in (
+        ("nats core throughput", core, lambda: RawCore(servers, codec=codec), make_event, RAW),
+        (
+            "nats core queue-group throughput",
+            GroupCore,
+            lambda: RawCore(servers, codec=codec, queue="q"),
+            make_event,
+            RAW,
+        ),
+        (
+            "nats core vs bare bytes",
+            core,
+            lambda: RawCore(servers, codec=_Bytes()),
+            payloads.__getitem__,
+            "raw nats-py, bytes, no codec",
+        ),
+    ):
+        results = await compare(
+            throughput_of(ours, make_event, events),
+            throughput_of(raw, make_raw_event, events),
+            rounds,
+        )
+        rows.append(compared_row(name, "events/s", results, raw_name))
+    results = await compare(
+        latency_of(core, make_event, pings),
+        latency_of(lambda: RawCore(servers, codec=codec), make_event, pings),
+        rounds,
     )
-    rows.append(
-        BenchRow("nats core vs bare bytes", "events/s", ours, raw, "raw nats-py, bytes, no codec")
-    )
-    p50, p99 = await measure_latency(core, make_event, pings)
-    r50, r99 = await measure_latency(lambda: RawCore(servers, codec=codec), make_event, pings)
-    rows.append(BenchRow("nats core request/reply p50", "ms", p50, r50, RAW, False))
-    rows.append(BenchRow("nats core request/reply p99", "ms", p99, r99, RAW, False))
+    rows.append(compared_row("nats core request/reply p50", "ms", results, RAW, **LATENCY_P50))
+    rows.append(compared_row("nats core request/reply p99", "ms", results, RAW, **LATENCY_P99))
 
     consumer = ConsumerOptions(heartbeat=1.0, pull_expires=10.0)
 
@@ -244,22 +247,36 @@ async def nats_rows(servers: list[str], events: int, pings: int) -> list[BenchRo
     def raw_js() -> Any:
         return RawJetStream(servers, stream=f"RAW{uuid.uuid4().hex[:6]}")
 
-    ours = await measure_throughput(lambda: _PipelinedJetStream(jetstream()), make_event, events)
-    raw = await measure_throughput(raw_js, make_event, events)
-    rows.append(BenchRow("jetstream throughput (async publish, ack)", "events/s", ours, raw, RAW))
-    p50 = await _publish_ack_latency(jetstream, make_event, pings)
-    r50 = await _publish_ack_latency(
-        lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}"), make_event, pings
+    results = await compare(
+        throughput_of(lambda: _PipelinedJetStream(jetstream()), make_event, events),
+        throughput_of(raw_js, make_event, events),
+        rounds,
     )
-    rows.append(BenchRow("jetstream publish-ack p50", "ms", p50, r50, RAW, False))
-    p50, p99 = await measure_latency(jetstream, make_event, pings, fresh_reply=True)
-    r50, r99 = await measure_latency(
+    rows.append(compared_row("jetstream throughput (async publish, ack)", "events/s", results, RAW))
+
+    def ack_latency(make: Callable[[], Any]) -> Measure:
+        async def measure() -> Figures:
+            return (await _publish_ack_latency(make, make_event, pings),)
+
+        return measure
+
+    results = await compare(
+        ack_latency(jetstream),
+        ack_latency(lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}")),
+        rounds,
+    )
+    rows.append(compared_row("jetstream publish-ack p50", "ms", results, RAW, **LATENCY_P50))
+    results = await compare(
+        latency_of(jetstream, make_event, pings, fresh_reply=True),
         # batch=1: nats-py's fetch(n) waits for n messages or its timeout
-        lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}", batch=1),
-        make_event,
-        pings,
-        fresh_reply=True,
+        latency_of(
+            lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}", batch=1),
+            make_event,
+            pings,
+            fresh_reply=True,
+        ),
+        rounds,
     )
-    rows.append(BenchRow("jetstream request/reply p50", "ms", p50, r50, RAW, False))
-    rows.append(BenchRow("jetstream request/reply p99", "ms", p99, r99, RAW, False))
+    rows.append(compared_row("jetstream request/reply p50", "ms", results, RAW, **LATENCY_P50))
+    rows.append(compared_row("jetstream request/reply p99", "ms", results, RAW, **LATENCY_P99))
     return rows

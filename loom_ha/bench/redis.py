@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from loom_ha.bench.core import BenchRow, measure_latency, measure_throughput
+from loom_ha.bench.core import (
+    LATENCY_P50,
+    LATENCY_P99,
+    BenchRow,
+    compare,
+    compared_row,
+    latency_of,
+    throughput_of,
+)
+from loom_ha.redis._base import PIPELINE_BATCH
 
 RAW = "raw redis-py (same codec)"
 
@@ -51,6 +60,14 @@ class RawPubSub:
 
     async def publish(self, topic: str, event: Any) -> None:
         await self.client.publish(topic, self.codec.encode(event))
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """redis-py pipelines of `PIPELINE_BATCH` PUBLISH commands (loom-ha's batch size)."""
+        for batch in _batches(items):
+            pipe = self.client.pipeline(transaction=False)
+            for topic, event in batch:
+                pipe.publish(topic, self.codec.encode(event))
+            await pipe.execute()
 
     async def disconnect(self) -> None:
         if self._reader is not None:
@@ -99,12 +116,32 @@ class RawStreams:
             f"raw:{topic}", {"event": self.codec.encode(event)}, maxlen=100_000, approximate=True
         )
 
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """redis-py pipelines of `PIPELINE_BATCH` XADD commands (loom-ha's batch size)."""
+        for batch in _batches(items):
+            pipe = self.client.pipeline(transaction=False)
+            for topic, event in batch:
+                fields = {"event": self.codec.encode(event)}
+                pipe.xadd(f"raw:{topic}", fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+
     async def disconnect(self) -> None:
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
         await self.client.aclose()
         await self.reader.aclose()
+
+
+def _batches(items: Iterable[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]]:
+    batch: list[tuple[str, Any]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == PIPELINE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _event_factory() -> Callable[[int], Any]:
@@ -116,8 +153,9 @@ def _event_factory() -> Callable[[int], Any]:
     return make
 
 
-async def redis_rows(url: str, events: int, pings: int) -> list[BenchRow]:
-    """Pub/Sub and Streams throughput, Pub/Sub ping-pong latency: loom-ha beside raw redis-py."""
+async def redis_rows(url: str, events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
+    """Pub/Sub and Streams throughput (one round trip per event, and pipelined), Pub/Sub
+    ping-pong latency: loom-ha beside raw redis-py, in `rounds` alternating rounds."""
     from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
 
     make_event = _event_factory()
@@ -126,7 +164,7 @@ async def redis_rows(url: str, events: int, pings: int) -> list[BenchRow]:
         return RedisPubSubTransport(url, group_rule=None)
 
     def streams() -> Any:
-        return RedisStreamsTransport(url, group_rule=None, stream_prefix="bench:stream:")
+        return _Grouped(RedisStreamsTransport(url, group_rule=None, stream_prefix="bench:stream:"))
 
     def raw_pubsub() -> Any:
         return RawPubSub(url)
@@ -134,39 +172,44 @@ async def redis_rows(url: str, events: int, pings: int) -> list[BenchRow]:
     def raw_streams() -> Any:
         return RawStreams(url)
 
-    ours_ps = await measure_throughput(pubsub, make_event, events)
-    base_ps = await measure_throughput(raw_pubsub, make_event, events)
-    ours_st = await _streams_throughput(streams, make_event, events)
-    base_st = await measure_throughput(raw_streams, make_event, events)
-    ours_p50, ours_p99 = await measure_latency(pubsub, make_event, pings)
-    base_p50, base_p99 = await measure_latency(raw_pubsub, make_event, pings)
-    return [
-        BenchRow("redis pubsub throughput", "events/s", ours_ps, base_ps, RAW),
-        BenchRow("redis streams throughput (group+ack)", "events/s", ours_st, base_st, RAW),
-        BenchRow("redis pubsub ping-pong p50", "ms", ours_p50, base_p50, RAW, False),
-        BenchRow("redis pubsub ping-pong p99", "ms", ours_p99, base_p99, RAW, False),
-    ]
+    rows = []
+    for name, ours, raw, pipelined in (
+        ("redis pubsub throughput", pubsub, raw_pubsub, False),
+        ("redis pubsub throughput (pipelined)", pubsub, raw_pubsub, True),
+        ("redis streams throughput (group+ack)", streams, raw_streams, False),
+        ("redis streams throughput (pipelined, group+ack)", streams, raw_streams, True),
+    ):
+        results = await compare(
+            throughput_of(ours, make_event, events, pipelined=pipelined),
+            throughput_of(raw, make_event, events, pipelined=pipelined),
+            rounds,
+        )
+        rows.append(compared_row(name, "events/s", results, RAW))
+    results = await compare(
+        latency_of(pubsub, make_event, pings), latency_of(raw_pubsub, make_event, pings), rounds
+    )
+    rows.append(compared_row("redis pubsub ping-pong p50", "ms", results, RAW, **LATENCY_P50))
+    rows.append(compared_row("redis pubsub ping-pong p99", "ms", results, RAW, **LATENCY_P99))
+    return rows
 
 
-async def _streams_throughput(
-    factory: Callable[[], Any], make_event: Callable[[int], Any], events: int
-) -> float:
-    """Streams throughput through a consumer group (as the raw baseline reads)."""
+class _Grouped:
+    """A Streams transport whose subscriptions join a consumer group (as the raw one reads)."""
 
-    class Grouped:
-        def __init__(self) -> None:
-            self.inner = factory()
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
-        async def connect(self) -> None:
-            await self.inner.connect()
+    async def connect(self) -> None:
+        await self.inner.connect()
 
-        async def subscribe(self, topic: str, handler: Any) -> None:
-            await self.inner.subscribe(topic, handler, group="bench")
+    async def subscribe(self, topic: str, handler: Any) -> None:
+        await self.inner.subscribe(topic, handler, group="bench")
 
-        async def publish(self, topic: str, event: Any) -> None:
-            await self.inner.publish(topic, event)
+    async def publish(self, topic: str, event: Any) -> None:
+        await self.inner.publish(topic, event)
 
-        async def disconnect(self) -> None:
-            await self.inner.disconnect()
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        await self.inner.publish_many(items)
 
-    return await measure_throughput(Grouped, make_event, events)
+    async def disconnect(self) -> None:
+        await self.inner.disconnect()

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ha", action="store_true", help="add HATransport-vs-bare rows")
     bench.add_argument("--events", type=int, default=20_000, help="events per throughput run")
     bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
+    bench.add_argument(
+        "--rounds", type=int, default=5, help="alternating runs of each side; medians shown (5)"
+    )
     chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
     chaos.add_argument("--broker", choices=["redis", "nats"], default="redis")
     chaos.add_argument("--events", type=int, default=10_000, help="events to publish (10,000)")
@@ -81,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pings=args.pings,
                 url=args.url,
                 ha=args.ha,
+                rounds=args.rounds,
             )
         )
     if args.command == "chaos":

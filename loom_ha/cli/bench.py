@@ -16,9 +16,14 @@ def render(console: Console, rows: list[BenchRow], title: str) -> None:
     for row in rows:
         base = f"{row.baseline:,.2f} {row.unit}" if row.baseline is not None else "-"
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        if row.spread is not None and row.spread[0] != row.spread[1]:
+            ratio += f" ({row.spread[0]:.2f}-{row.spread[1]:.2f})"
         table.add_row(row.name, f"{row.ours:,.2f} {row.unit}", base, ratio, row.baseline_name)
     console.print(table)
-    console.print("ratio > 1: loom-ha is better (higher throughput or lower latency)")
+    console.print(
+        "ratio > 1: loom-ha is better (higher throughput or lower latency); figures are medians "
+        "of alternating rounds, (low-high) the range of the rounds' ratios"
+    )
 
 
 async def run_bench(
@@ -29,6 +34,7 @@ async def run_bench(
     pings: int,
     url: str | None = None,
     ha: bool = False,
+    rounds: int = 5,
 ) -> int:
     """Measure and print; returns an exit code.
 
@@ -46,34 +52,36 @@ async def run_bench(
     wanted = ("memory", "redis", "nats") if transport == "all" else (transport,)
     rows = codec_rows()
     if "memory" in wanted:
-        rows += await memory_rows(events, pings)
+        rows += await memory_rows(events, pings, rounds)
     if "redis" in wanted:
-        rows += await _with_server("redis", url, events, pings)
+        rows += await _with_server("redis", url, events, pings, rounds)
     if "nats" in wanted:
-        rows += await _with_server("nats", url, events, pings)
+        rows += await _with_server("nats", url, events, pings, rounds)
     if ha:
         rows += await _ha_rows(wanted, url, events)
     render(console, rows, f"loom-ha bench --transport {transport}")
     return 0
 
 
-async def _with_server(kind: str, url: str | None, events: int, pings: int) -> list[BenchRow]:
+async def _with_server(
+    kind: str, url: str | None, events: int, pings: int, rounds: int
+) -> list[BenchRow]:
     """Rows of one broker, on `url` or on a server started for the run."""
     if kind == "redis":
         from loom_ha.bench.redis import redis_rows
         from loom_ha.testing.redis_servers import RedisServer
 
         if url is not None:
-            return await redis_rows(url, events, pings)
+            return await redis_rows(url, events, pings, rounds)
         with RedisServer() as redis_server:
-            return await redis_rows(redis_server.url, events, pings)
+            return await redis_rows(redis_server.url, events, pings, rounds)
     from loom_ha.bench.nats import nats_rows
     from loom_ha.testing.nats_servers import NatsServer
 
     if url is not None:
-        return await nats_rows(url.split(","), events, pings)
+        return await nats_rows(url.split(","), events, pings, rounds)
     with NatsServer(jetstream=True) as nats_server:
-        return await nats_rows([nats_server.url], events, pings)
+        return await nats_rows([nats_server.url], events, pings, rounds)
 
 
 async def _ha_rows(wanted: tuple[str, ...], url: str | None, events: int) -> list[BenchRow]:

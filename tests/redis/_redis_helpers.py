@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from loom_ha.testing.servers import RedisServer
 
 
 async def eventually(condition: Callable[[], object], within: float = 10.0) -> None:
@@ -11,3 +14,19 @@ async def eventually(condition: Callable[[], object], within: float = 10.0) -> N
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - polling statistics() is the point
             await asyncio.sleep(0.02)
+
+
+async def while_frozen(server: RedisServer, call: Awaitable[Any], seconds: float = 1.0) -> None:
+    """Run `call` while Redis is frozen (SIGSTOP) for `seconds`, then wait for it to finish.
+
+    What `call` writes meanwhile reaches the socket, but Redis runs it only after the
+    resume: with a shorter `socket_timeout` the reply is lost though the command ran.
+    """
+    server.pause()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(call)  # type: ignore[arg-type]
+            await asyncio.sleep(seconds)
+            server.resume()
+    finally:
+        server.resume()

@@ -19,7 +19,7 @@ from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 from loom_ha.transport import TransportState
 
-from ._redis_helpers import eventually
+from ._redis_helpers import eventually, while_frozen
 
 pytestmark = pytest.mark.redis
 
@@ -163,14 +163,7 @@ async def test_publish_without_reply_is_not_sent_twice(server_launcher: ServerLa
     ):
         await sub.subscribe("once/x", got)
         first = _event(1)
-        server.pause()  # the PUBLISH is written, but Redis runs it only after resume()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pub.publish("once/x", first))
-                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
-                server.resume()
-        finally:
-            server.resume()
+        await while_frozen(server, pub.publish("once/x", first))
         marker = _event(2)
         await pub.publish("once/x", marker)
         await got.wait_until(lambda: marker.id in got.ids, what=lambda: "the marker")
@@ -216,14 +209,7 @@ async def test_pipelined_publishes_without_reply_are_not_sent_twice(
     ):
         await sub.subscribe("many/x", got)
         batch = [_event(n) for n in range(50)]
-        server.pause()  # the batch is written, but Redis runs it only after resume()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pub.publish_many(("many/x", e) for e in batch))
-                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
-                server.resume()
-        finally:
-            server.resume()
+        await while_frozen(server, pub.publish_many(("many/x", e) for e in batch))
         marker = _event(99)
         await pub.publish("many/x", marker)
         await got.wait_until(lambda: marker.id in got.ids, what=lambda: "the marker")

@@ -16,7 +16,7 @@ from loom_ha.testing.collect import Collector, assert_all_received
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 
-from ._redis_helpers import eventually
+from ._redis_helpers import eventually, while_frozen
 
 pytestmark = pytest.mark.redis
 
@@ -173,14 +173,7 @@ async def test_append_without_reply_is_resent_and_counted(server_launcher: Serve
     ):
         await sub.subscribe("resend/x", got)
         sent = _event()
-        server.pause()  # the XADD is written, but Redis runs it only after resume()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pub.publish("resend/x", sent))
-                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
-                server.resume()
-        finally:
-            server.resume()
+        await while_frozen(server, pub.publish("resend/x", sent))
         await got.wait_for(2)
         stats = pub.statistics()
     assert stats.extra is not None and stats.extra["resent"] == 1
@@ -200,14 +193,7 @@ async def test_pipelined_appends_without_reply_are_resent_and_counted(
     ):
         await sub.subscribe("resend-many/x", got)
         batch = [_event(n) for n in range(50)]
-        server.pause()  # the batch is written, but Redis runs it only after resume()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pub.publish_many(("resend-many/x", e) for e in batch))
-                await asyncio.sleep(1.0)  # the fault: Redis frozen for 1 s (> socket_timeout)
-                server.resume()
-        finally:
-            server.resume()
+        await while_frozen(server, pub.publish_many(("resend-many/x", e) for e in batch))
         await got.wait_for(2 * len(batch))
         stats = pub.statistics()
     assert stats.extra is not None and stats.extra["resent"] == len(batch)

@@ -304,6 +304,21 @@ def test_subclass_with_more_fields_uses_validation() -> None:
         codec.decode(wire(priority="high"))
 
 
+def test_subclass_fields_and_extras_travel_together() -> None:
+    """A subclass's own fields and its extras are encoded alike, and both come back."""
+
+    class Labelled(CloudEvent):
+        priority: int = 0
+        note: str | None = None
+
+    codec = EventCodec(Labelled)
+    event = Labelled(source="/a", type="t", priority=3, label="x", Bad=[1])
+    top = json.loads(codec.encode(event))
+    assert (top["priority"], top["label"]) == (3, "x")
+    assert json.loads(top["loomextra"]) == {"note": None, "Bad": [1]}
+    same(codec.decode(codec.encode(event)), event)
+
+
 def test_classes_with_validators_are_validated() -> None:
     """An event class with its own validator gets it run on decode, not skipped."""
 

@@ -97,6 +97,22 @@ class RetryPolicy:
             Exception: any non-transient error, at once.
         """
 
+        # The first attempt runs bare: setting up tenacity costs more than a broker
+        # round trip on the hot path, and most calls succeed at once.
+        try:
+            return await operation()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            first_error: BaseException | None = exc
+
+        async def attempt_again() -> T:
+            nonlocal first_error
+            if first_error is not None:  # tenacity's attempt 1 is the one that just failed
+                error, first_error = first_error, None
+                raise error
+            return await operation()
+
         def before_sleep(state: RetryCallState) -> None:
             if on_retry is not None and state.outcome is not None:
                 error = state.outcome.exception()
@@ -118,7 +134,7 @@ class RetryPolicy:
             async for attempt in retrying:
                 attempt_number = attempt.retry_state.attempt_number
                 with attempt:
-                    return await operation()
+                    return await attempt_again()
         except Exception as exc:
             if _is_transient(exc) and (self.attempts is not None or self.timeout is not None):
                 raise FailoverExhaustedError(

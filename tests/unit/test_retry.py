@@ -56,6 +56,20 @@ async def test_gives_up_after_attempts_with_the_cause() -> None:
     assert isinstance(info.value.__cause__, ConnectionLostError)
 
 
+async def test_a_single_attempt_is_made_once() -> None:
+    """attempts=1: the one failed attempt (run outside tenacity) is not repeated."""
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionLostError("down")
+
+    with pytest.raises(FailoverExhaustedError) as info:
+        await RetryPolicy(attempts=1, wait_initial=0, wait_max=0, wait_jitter=0).call(down)
+    assert (calls, info.value.attempts) == (1, 1)
+
+
 async def test_cancellation_interrupts_a_backoff_promptly() -> None:
     """Cancelling during a long backoff ends the call within a fraction of a second."""
 

@@ -203,7 +203,12 @@ class RedisTransportBase(Transport):
 
     @override
     async def publish(self, topic: str, event: Any) -> None:
-        """Send `event` in one round trip, with the mode's promise (see the class docstring).
+        """Send `event` in one round trip, retried while the master is away.
+
+        Streams: returns once Redis (with Sentinel: also `wait_replicas` replicas)
+        stored it; a retry after a lost reply may store it twice (counted in
+        ``extra["resent"]``). Pub/Sub: at-most-once and never sent twice; a PUBLISH
+        whose reply was lost returns quietly and counts in ``extra["unconfirmed"]``.
 
         Raises:
             FailoverExhaustedError: no master took it within `publish_timeout`.
@@ -251,6 +256,12 @@ class RedisTransportBase(Transport):
         """Send encoded items in order, `PIPELINE_BATCH` per round trip."""
         for start in range(0, len(batch), PIPELINE_BATCH):
             await self._send(batch[start : start + PIPELINE_BATCH])
+
+    @staticmethod
+    def _describe(verb: str, batch: Sequence[Encoded]) -> str:
+        """What a round trip does, for error messages: ``XADD 'a/b' (+511 more)``."""
+        more = f" (+{len(batch) - 1} more)" if len(batch) > 1 else ""
+        return f"{verb} {batch[0][0]!r}{more}"
 
     @abstractmethod
     async def _send(self, batch: Sequence[Encoded]) -> None:

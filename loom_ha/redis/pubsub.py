@@ -160,7 +160,7 @@ class RedisPubSubTransport(RedisTransportBase):
         """
         prefix = self.channel_prefix
         commands = [(b"PUBLISH", prefix + wire(topic), payload) for topic, payload in batch]
-        what = f"PUBLISH {batch[0][0]!r}" + (f" (+{len(batch) - 1} more)" if len(batch) > 1 else "")
+        what = self._describe("PUBLISH", batch)
         try:
             await self.connector.execute(
                 commands, policy=self.publish_policy, what=what, resend=False

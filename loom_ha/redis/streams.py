@@ -36,6 +36,9 @@ Entry = tuple[bytes, dict[bytes, bytes]]  # (stream key, entry fields)
 class RedisStreamsTransport(RedisTransportBase):
     """Loom topics over Redis Streams: durable, at-least-once, with competing consumers.
 
+    `publish()` returns once the event is stored (see `RedisTransportBase.publish`);
+    `publish_many()` pipelines many XADDs per round trip.
+
     Args:
         url: ``redis://``, ``rediss://`` or ``redis+sentinel://`` (see `loom_ha.redis.url`).
         stream_prefix: stream key of topic T is ``stream_prefix + T``.
@@ -168,7 +171,7 @@ class RedisStreamsTransport(RedisTransportBase):
         event whose reply was lost: consumers deduplicate on ``source`` + ``id``).
         """
         entries = [(self.stream_key(topic), {b"event": payload}) for topic, payload in batch]
-        what = f"XADD {batch[0][0]!r}" + (f" (+{len(batch) - 1} more)" if len(batch) > 1 else "")
+        what = self._describe("XADD", batch)
         await self.append(entries, what=what)
         self.local.counters.published += len(batch)
 

@@ -58,7 +58,7 @@ async def run_bench(
     if "nats" in wanted:
         rows += await _with_server("nats", url, events, pings, rounds)
     if ha:
-        rows += await _ha_rows(wanted, url, events)
+        rows += await _ha_rows(wanted, url, events, rounds)
     render(console, rows, f"loom-ha bench --transport {transport}")
     return 0
 
@@ -84,7 +84,9 @@ async def _with_server(
         return await nats_rows([nats_server.url], events, pings, rounds)
 
 
-async def _ha_rows(wanted: tuple[str, ...], url: str | None, events: int) -> list[BenchRow]:
+async def _ha_rows(
+    wanted: tuple[str, ...], url: str | None, events: int, rounds: int
+) -> list[BenchRow]:
     """HATransport beside the bare backends, on servers started for the run."""
     from loom_ha.bench.ha import ha_rows
     from loom_ha.testing.nats_servers import NatsServer
@@ -95,4 +97,5 @@ async def _ha_rows(wanted: tuple[str, ...], url: str | None, events: int) -> lis
             events,
             redis_url=(url or redis_server.url) if "redis" in wanted else None,
             nats_servers=[nats_server.url] if "nats" in wanted else None,
+            rounds=rounds,
         )

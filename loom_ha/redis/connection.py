@@ -20,17 +20,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import (
-    AbstractConnection,
-    Connection,
-    ConnectionPool,
-    SSLConnection,
-)
+from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import ConnectionLostError, LoomHAError
+from loom_ha.redis._connections import LeanConnection, LeanSSLConnection
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
 from loom_ha.redis._roundtrip import UnconfirmedError, Written, checkout, round_trip
 from loom_ha.redis.url import RedisSettings
@@ -529,7 +525,7 @@ class RedisConnector:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _connection_class(self) -> type[Connection]:
-        return SSLConnection if self.settings.tls else Connection
+        return LeanSSLConnection if self.settings.tls else LeanConnection
 
     def _connection(
         self, address: Address, *, sentinel: bool = False, health_check_interval: float = 0

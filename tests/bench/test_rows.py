@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loom_ha.bench.core import BenchRow, compare, compared_row
+from loom_ha.bench.ha import ha_rows
 from loom_ha.bench.memory import memory_rows
 from loom_ha.bench.nats import nats_rows
 from loom_ha.bench.redis import redis_rows
@@ -53,4 +54,13 @@ async def test_redis_rows(redis_server: RedisServer) -> None:
 async def test_nats_rows(nats_server: NatsServer) -> None:
     rows = await nats_rows([nats_server.url], 500, 50, rounds=2)
     assert len(rows) == 9
+    _complete(rows)
+
+
+@pytest.mark.redis
+async def test_ha_rows(redis_server: RedisServer) -> None:
+    rows = await ha_rows(400, redis_url=redis_server.url, rounds=2)
+    assert [r.name for r in rows] == [
+        f"{name} throughput via HATransport" for name in ("memory", "redis pubsub", "redis streams")
+    ]
     _complete(rows)

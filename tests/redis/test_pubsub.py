@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -217,3 +218,59 @@ async def test_pipelined_publishes_without_reply_are_not_sent_twice(
     assert got.ids == [e.id for e in batch] + [marker.id]  # each once, in order
     assert stats.extra is not None and stats.extra["unconfirmed"] == len(batch)
     assert stats.published == 1  # only the marker was confirmed
+
+
+async def test_publishing_starts_no_task_per_command(redis_server: RedisServer, tag: str) -> None:
+    """A timed write is bounded by a timer, not by redis-py's task-per-write `wait_for`."""
+    got = Collector()
+    loop = asyncio.get_running_loop()
+    created: list[object] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(coro)
+        if factory is not None:
+            return factory(loop, coro, **kwargs)  # type: ignore[return-value]
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with RedisPubSubTransport(redis_server.url) as t:
+        await t.subscribe(tag + "x", got)
+        await t.publish(tag + "x", _event())  # the connections exist from here on
+        await got.wait_for(1)
+        loop.set_task_factory(counting)
+        try:
+            for n in range(100):
+                await t.publish(tag + "x", _event(n))
+            await got.wait_for(101)
+        finally:
+            loop.set_task_factory(factory)
+    assert created == []
+
+
+@pytest.mark.chaos
+async def test_a_write_the_server_does_not_take_times_out(server_launcher: ServerLauncher) -> None:
+    """A write stuck on a frozen server ends after `socket_timeout`: unconfirmed, not hung."""
+    server = await asyncio.to_thread(server_launcher.redis)
+    got = Collector()
+    big = "x" * 900_000  # 20 of these fill every socket buffer between us and Redis
+    async with (
+        RedisPubSubTransport(server.url, health_check_interval=30) as sub,
+        RedisPubSubTransport(server.url, socket_timeout=0.3) as pub,
+    ):
+        await sub.subscribe("big/x", got)
+        await pub.publish("big/x", _event())  # the connections exist from here on
+        await got.wait_for(1)
+        server.pause()
+        try:
+            batch = [CloudEvent.create(source="/t", type="t", data=big) for _ in range(20)]
+            async with asyncio.timeout(5):  # far above the 0.3 s the write may take
+                await pub.publish_many(("big/x", e) for e in batch)
+        finally:
+            server.resume()
+        stats = pub.statistics()
+        marker = _event(99)
+        await pub.publish("big/x", marker)
+        await got.wait_until(lambda: marker.id in got.ids, what=lambda: "the marker")
+    assert stats.extra is not None and stats.extra["unconfirmed"] == len(batch)
+    assert stats.published == 1
+    assert all(got.ids.count(e.id) <= 1 for e in batch)  # at most once, even if partly written

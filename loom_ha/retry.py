@@ -8,6 +8,7 @@ Only `TransientError`s are retried (a lost connection, an election in progress).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -71,12 +72,13 @@ class RetryPolicy:
                 f"{self.wait_initial}, {self.wait_max}, {self.wait_jitter}"
             )
 
-    def _stop(self) -> stop_base:
+    def _stop(self, spent: float = 0.0) -> stop_base:
+        """Tenacity's stop condition, for a call that already spent `spent` seconds."""
         stops: list[stop_base] = []
         if self.attempts is not None:
             stops.append(stop_after_attempt(self.attempts))
         if self.timeout is not None:
-            stops.append(stop_after_delay(self.timeout))
+            stops.append(stop_after_delay(max(0.0, self.timeout - spent)))
         return stop_any(*stops) if stops else stop_never
 
     async def call(
@@ -99,6 +101,7 @@ class RetryPolicy:
 
         # The first attempt runs bare: setting up tenacity costs more than a broker
         # round trip on the hot path, and most calls succeed at once.
+        started = time.monotonic()
         try:
             return await operation()
         except Exception as exc:
@@ -122,7 +125,7 @@ class RetryPolicy:
 
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            stop=self._stop(),
+            stop=self._stop(spent=time.monotonic() - started),
             wait=wait_exponential(multiplier=self.wait_initial, max=self.wait_max)
             + wait_random(0, self.wait_jitter),
             sleep=self.sleep,

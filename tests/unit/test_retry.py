@@ -70,6 +70,22 @@ async def test_a_single_attempt_is_made_once() -> None:
     assert (calls, info.value.attempts) == (1, 1)
 
 
+async def test_the_timeout_counts_the_first_attempt() -> None:
+    """A first attempt that outlasts `timeout` is not followed by another one."""
+    calls = 0
+
+    async def slow_failure() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        raise ConnectionLostError("down")
+
+    policy = RetryPolicy(timeout=0.2, wait_initial=0, wait_max=0, wait_jitter=0)
+    with pytest.raises(FailoverExhaustedError):
+        await policy.call(slow_failure)
+    assert calls == 1
+
+
 async def test_cancellation_interrupts_a_backoff_promptly() -> None:
     """Cancelling during a long backoff ends the call within a fraction of a second."""
 

@@ -4,6 +4,10 @@ It keeps pull requests outstanding (re-issued when they run low, after every
 reconnect and when heartbeats stop: nats.py #504), recreates a deleted consumer,
 runs the handlers, and acks only after they succeeded (nak with backoff, then a
 dead letter once the delivery budget is spent).
+
+Events are handled in nats-py's own task of the pull inbox, one at a time and in
+order (no hand-off to a second task); a pull-keeping task sees only what concerns
+the pulls: status messages, "running low", reconnects and silence.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loom_ha.nats.jetstream")
 
 _WAKE = object()  # queued on reconnect: pull requests died with the old connection
+_REFILL = object()  # queued when the outstanding pulls run low
 _HEARTBEAT = "100"
 _FOREVER = RetryPolicy(wait_initial=0.1, wait_max=2.0, wait_jitter=0.2)
 
@@ -68,7 +73,10 @@ class PullConsumer:
         self.pulls = 0
         self.recreated = 0
         self.skipped_duplicates = 0
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()  # for the pull-keeping task
+        self._outstanding = 0  # messages the open pull requests may still deliver
+        self._refill_asked = False
+        self._last_seen = 0.0  # loop time of the last message (data or status)
         self._done: OrderedDict[str, set[int]] = OrderedDict()
         self._inbox = ""
         self._sub: Subscription | None = None
@@ -83,13 +91,8 @@ class PullConsumer:
         await retry.call(lambda: self._ensure(recreate=False))
         client = self.owner.connection.client
         self._inbox = client.new_inbox()
-        queue = self._queue
-
-        async def on_message(msg: Msg) -> None:
-            queue.put_nowait(msg)
-
         with map_nats_errors(what=f"consumer {self.name}"):
-            self._sub = await client.subscribe(self._inbox, cb=on_message)
+            self._sub = await client.subscribe(self._inbox, cb=self._on_message)
         self._task = self.owner.tasks.spawn(self._run(), name=f"consumer:{self.name}")
 
     async def stop(self, *, delete: bool) -> None:
@@ -149,63 +152,79 @@ class PullConsumer:
             )
         self.pulls += 1
 
+    async def _on_message(self, msg: Msg) -> None:
+        """nats-py's callback of the pull inbox: handle an event here, pass the rest on."""
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        headers = msg.headers
+        if headers and headers.get("Status") is not None:
+            self._queue.put_nowait(msg)  # pull bookkeeping: the pull-keeping task's
+            return
+        self._outstanding -= 1
+        if self._outstanding <= self.owner.consumer_options.batch // 2 and not self._refill_asked:
+            self._refill_asked = True
+            self._queue.put_nowait(_REFILL)
+        try:
+            await self._process(msg)
+        except Exception:  # a bug of ours must not end the subscription
+            log.exception("consumer %s: message not processed", self.name)
+            await _settle(msg.nak(delay=self.owner.consumer_options.policy.backoff_max))
+
     async def _run(self) -> None:
+        """Keep pull requests outstanding; notice when they died."""
         o = self.owner.consumer_options
         conn = self.owner.connection
+        loop = asyncio.get_running_loop()
         batch = o.batch
         idle = max(3 * o.heartbeat, o.heartbeat + 1.0)
-        outstanding = 0
         generation = conn.generation
         queue = self._queue
         while not self._stopped:
             if conn.state is not TransportState.CONNECTED:
                 await conn.wait_connected()
             if conn.generation != generation:
-                generation, outstanding = conn.generation, 0  # pulls died with the old socket
-            if outstanding <= batch // 2:
+                generation, self._outstanding = conn.generation, 0  # died with the old socket
+            if self._outstanding <= batch // 2:
                 try:
                     await self._pull(batch)
-                    outstanding += batch
+                    self._outstanding += batch
+                    self._refill_asked = False
                 except LoomHAError as exc:
                     log.debug("consumer %s: pull failed: %s", self.name, exc)
                     await asyncio.sleep(0.1)  # reconnecting: the state wait above takes over
                     continue
             try:
-                if queue.empty():
-                    async with asyncio.timeout(idle):
-                        msg = await queue.get()
-                else:
-                    msg = queue.get_nowait()
+                async with asyncio.timeout(idle):
+                    item = await queue.get()
             except TimeoutError:
+                if loop.time() - self._last_seen < idle:
+                    continue  # events are flowing: heartbeats only come when idle
                 # No message and no heartbeat: the pull or the consumer is gone (nats.py #504).
-                outstanding = 0
+                self._outstanding = 0
                 await self._check_alive()
                 continue
-            if msg is _WAKE:
-                outstanding = 0
+            if item is _WAKE:
+                self._outstanding = 0
                 continue
-            headers = msg.headers
-            status = headers.get("Status") if headers else None
-            if status is None:
-                outstanding -= 1
-                try:
-                    await self._process(msg)
-                except Exception:  # a bug of ours must not end the subscription
-                    log.exception("consumer %s: message not processed", self.name)
-                    await _settle(msg.nak(delay=o.policy.backoff_max))
-            elif status != _HEARTBEAT:
-                outstanding = await self._on_status(status, headers or {}, outstanding)
+            if item is _REFILL:
+                continue
+            headers = item.headers or {}
+            status = headers.get("Status", "")
+            if status != _HEARTBEAT:
+                await self._on_status(status, headers)
 
-    async def _on_status(self, status: str, headers: dict[str, str], outstanding: int) -> int:
-        """Account for an ended or refused pull request; returns the new outstanding count."""
+    async def _on_status(self, status: str, headers: dict[str, str]) -> None:
+        """Account for an ended or refused pull request."""
         description = headers.get("Description", "")
         if status in ("408", "409") and "Nats-Pending-Messages" in headers:
-            outstanding = max(0, outstanding - int(headers["Nats-Pending-Messages"]))
+            pending = int(headers["Nats-Pending-Messages"])
+            self._outstanding = max(0, self._outstanding - pending)
         else:
-            outstanding = 0
+            self._outstanding = 0
         if status == "409" and "deleted" in description.lower():
             await _FOREVER.call(lambda: self._ensure(recreate=True))
-            return 0
+            self._outstanding = 0
+            return
         if status == "503":
             # No responders: nothing serves this consumer's pull subject. Either it is
             # gone (deleted behind our back) or a clustered consumer is electing a
@@ -213,11 +232,11 @@ class PullConsumer:
             # the loop from going idle, the idle check would never run: check now.
             await asyncio.sleep(0.2)
             await self._check_alive()
-            return 0
+            self._outstanding = 0
+            return
         if status not in ("404", "408", "409"):
             log.warning("consumer %s: pull status %s %s", self.name, status, description)
             await asyncio.sleep(0.5)
-        return outstanding
 
     async def _check_alive(self) -> None:
         """After silence: make sure the consumer still exists (recreate it if not)."""

@@ -187,6 +187,22 @@ async def test_deleted_consumer_is_recreated(nats_server: NatsServer, topic: str
     assert got.ids[-1] == after.id
 
 
+async def test_a_steady_flow_is_not_taken_for_a_dead_pull(
+    nats_server: NatsServer, topic: str
+) -> None:
+    """Events arriving for longer than the idle window keep the first pull: no re-pull."""
+    got = Collector()
+    steady = ConsumerOptions(heartbeat=0.2, pull_expires=30.0, batch=1000)  # idle after 1.2 s
+    async with JetStreamTransport([nats_server.url], consumer=steady) as js:
+        await js.subscribe(topic, got)
+        for n in range(60):  # 2.4 s of events, one every 40 ms: never idle, never low
+            await js.publish(topic, _event(n))
+            await asyncio.sleep(0.04)
+        await got.wait_for(60)
+        pulls = js.statistics().extra["pulls"]  # type: ignore[index]
+    assert pulls == 1
+
+
 async def test_publish_many_pipelines_and_confirms(nats_server: NatsServer, topic: str) -> None:
     """publish_many stores every event before returning; all are delivered."""
     got = Collector()

@@ -131,13 +131,10 @@ class RedisTransportBase(Transport):
             if self._connected():  # another task connected while we waited
                 return
             self._state = TransportState.CONNECTING
-            connector = self._new_connector()
             try:
-                await connector.start(timeout=self._connect_timeout)
-                await self._attach(connector)
+                await start_modes([self])  # a single mode owns the connector it runs on
             except BaseException:
                 self._state = TransportState.DISCONNECTED
-                await connector.close()
                 raise
 
     @override
@@ -348,3 +345,38 @@ class RedisTransportBase(Transport):
             reconnects=self._reconnects(),
             extra=self._extra(),
         )
+
+
+async def start_modes(modes: Sequence[RedisTransportBase]) -> RedisConnector:
+    """Find the master once (with the first mode's settings) and start every mode on it.
+
+    On any failure the modes started so far are detached (one that failed to start
+    cleaned up itself) and the connector is closed before re-raising.
+    """
+    first = modes[0]
+    connector = first._new_connector()
+    started: list[RedisTransportBase] = []
+    try:
+        await connector.start(timeout=first._connect_timeout)
+        for mode in modes:
+            await mode._attach(connector)
+            started.append(mode)
+    except BaseException:
+        try:
+            await detach_modes(started)
+        finally:
+            await connector.close()
+        raise
+    return connector
+
+
+async def detach_modes(modes: Sequence[RedisTransportBase]) -> None:
+    """Detach every mode, even when one of them is cancelled; re-raise the first error."""
+    errors: list[BaseException] = []
+    for mode in modes:
+        try:
+            await mode._detach()
+        except BaseException as exc:  # re-raised below, after the other modes stopped
+            errors.append(exc)
+    if errors:
+        raise errors[0]

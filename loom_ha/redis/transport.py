@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from loom_ha._handlers import Handler
 from loom_ha.errors import LoomHAError, UnsupportedCapabilityError
-from loom_ha.redis._base import Encoded, RedisTransportBase
+from loom_ha.redis._base import Encoded, RedisTransportBase, detach_modes, start_modes
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.pubsub import RedisPubSubTransport
 from loom_ha.redis.routing import Mode, ModeRouter, weakest
@@ -135,20 +135,11 @@ class RedisTransport(Transport):
             if self._connected():  # another task connected while we waited
                 return
             self._state = TransportState.CONNECTING
-            first = self._used[0]
-            connector = first._new_connector()
             try:
-                await connector.start(timeout=first._connect_timeout)
-                for transport in self._used:
-                    await transport._attach(connector)
+                self._connector = await start_modes(self._used)
             except BaseException:
                 self._state = TransportState.DISCONNECTED
-                try:
-                    await self._detach_all()
-                finally:
-                    await connector.close()
                 raise
-            self._connector = connector
             self._state = TransportState.CONNECTED
 
     @override
@@ -159,24 +150,13 @@ class RedisTransport(Transport):
         self._state = TransportState.DISCONNECTED
         connector, self._connector = self._connector, None
         try:
-            await self._detach_all()
+            await detach_modes(self._used)
         finally:
             if connector is not None:
                 await connector.close()
 
     def _connected(self) -> bool:
         return self._state is TransportState.CONNECTED
-
-    async def _detach_all(self) -> None:
-        """Detach every mode, even when one of them is cancelled; re-raise the first error."""
-        errors: list[BaseException] = []
-        for transport in self._used:
-            try:
-                await transport._detach()
-            except BaseException as exc:  # re-raised below, after the other mode stopped
-                errors.append(exc)
-        if errors:
-            raise errors[0]
 
     # -- Transport -------------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 A dead letter is itself a CloudEvent (type ``loom_ha.deadletter``), so any
 transport can carry it and any CloudEvents tool can read it. It keeps:
 
-* the original: as ``data`` holding the original CloudEvent JSON when it was one
-  (``datacontenttype: application/cloudevents+json``), else the raw bytes as
-  received (``data_base64``, ``application/octet-stream``) for malformed input;
+* the original, byte for byte: as ``data`` holding the original CloudEvent JSON when it
+  was a JSON object that reads back to the same bytes
+  (``datacontenttype: application/cloudevents+json``), else the raw bytes as received
+  (``data_base64``, ``application/octet-stream``), e.g. for malformed input;
 * why, how often and from where, as top-level extension attributes:
   ``deadreason``, ``deadattempts``, ``deadtopic``, ``deadorigin``.
 """
@@ -45,9 +46,12 @@ class DeadLetter:
         """The dead letter as a CloudEvent carrying the original and why it died."""
         try:
             original: Any = json.loads(self.raw)
-            content_type = CLOUDEVENT_JSON if isinstance(original, dict) else OCTET_STREAM
         except ValueError:
-            original, content_type = None, OCTET_STREAM
+            original = None
+        # Inline JSON only when it reads back to the very bytes received: a dead letter
+        # must keep the original exactly (spacing, escapes, number forms included).
+        lossless = isinstance(original, dict) and _compact(original) == self.raw
+        content_type = CLOUDEVENT_JSON if lossless else OCTET_STREAM
         return CloudEvent(
             source=source,
             type=DEAD_LETTER_TYPE,
@@ -65,7 +69,7 @@ class DeadLetter:
         """Read a dead letter back from its CloudEvent (as produced by `to_event`)."""
         extra = event.model_extra or {}
         if event.datacontenttype == CLOUDEVENT_JSON:
-            raw = json.dumps(event.data, separators=(",", ":")).encode()
+            raw = _compact(event.data)
         else:
             raw = bytes(event.data or b"")
         return cls(
@@ -79,3 +83,8 @@ class DeadLetter:
     def original(self, codec: EventCodec[Any]) -> Any:
         """The original event decoded with `codec` (raises SerializationError if it was bad)."""
         return codec.decode(self.raw)
+
+
+def _compact(value: Any) -> bytes:
+    """JSON without spaces or escapes, as loom-ha's codec writes it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -178,6 +178,7 @@ class NatsConnection:
         self.slow_consumer_drops = 0  # messages nats-py dropped: a subscription's queue was full
         self._client: Client | None = None
         self._closing = False
+        self._opening = False  # inside open()'s client.connect(): refused credentials are fatal
         # barrier(): probes this connection publishes to itself (see there).
         self._probe_prefix = ""
         self._probe_ids = itertools.count()
@@ -229,6 +230,7 @@ class NatsConnection:
         client = Client()
         self._client = client
         attempts = o.max_reconnect_attempts
+        self._opening = True
         try:
             with map_nats_errors(what=f"{self.backend}: connecting to {', '.join(o.servers)}"):
                 async with asyncio.timeout(o.connect_timeout):
@@ -252,10 +254,12 @@ class NatsConnection:
                         reconnected_cb=self._on_reconnected,
                         closed_cb=self._on_closed,
                     )
+            self._opening = False
             self._probe_prefix = client.new_inbox()
             with map_nats_errors(what=f"{self.backend}: barrier subscription"):
                 await client.subscribe(self._probe_prefix + ".*", cb=self._on_probe)
         except BaseException:
+            self._opening = False
             await self.close()
             self._set_state(TransportState.DISCONNECTED)
             raise
@@ -341,6 +345,14 @@ class NatsConnection:
             return
         self.last_error = f"{type(exc).__name__}: {exc}"
         text = str(exc).lower()  # nats-py lower-cases the server's -ERR text, subject included
+        if self._opening and _refused_credentials(exc, text):
+            # nats-py retries a refused CONNECT forever (max_reconnect_attempts=-1) and only
+            # tells this callback; raising here ends its connect loop: one clear error, no
+            # retry, since the same credentials will be refused again.
+            raise ConfigurationError(
+                f"{self.backend}: the server refused the credentials ({exc}); "
+                "check user/password or token"
+            )
         probe = self._probe_prefix.lower()
         if probe and "permissions violation" in text and probe in text:
             if not self._probe_denied:
@@ -375,3 +387,10 @@ class NatsConnection:
         if not self._closing:
             log.error("%s: gave up reconnecting (max_reconnect_attempts)", self.backend)
             self._set_state(TransportState.CLOSED)
+
+
+def _refused_credentials(exc: Exception, text: str) -> bool:
+    """Whether nats-py's error means the server rejected who we are (not a network fault)."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    return "authorization violation" in text or "authentication" in text

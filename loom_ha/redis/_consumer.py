@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from loom_ha._handlers import Handler, SubscriptionKey
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
+from loom_ha.redis._errors import group_gone
 from loom_ha.redis.connection import checkpoint
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ class StreamConsumer:
                             self._cursors[stream] = _text(entry_id)
                 await self._flush_acks()
             except TransportError as exc:
-                if self.group is not None and "NOGROUP" in str(exc):
+                if self.group is not None and group_gone(exc):
                     await self._recreate_groups()
                     continue
                 log.error("redis-streams consumer %r: %s", self.key.raw, exc)

@@ -30,6 +30,13 @@ def _auth(what: str, exc: BaseException) -> LoomHAError:
     )
 
 
+def _full(what: str, exc: BaseException) -> LoomHAError:
+    return ConnectionLostError(
+        f"{what}: Redis refused a new connection, its maxclients limit is reached "
+        f"(retrying; raise maxclients or close idle clients): {exc}"
+    )
+
+
 def _config(what: str, exc: BaseException) -> LoomHAError:
     return ConfigurationError(f"{what}: value Redis cannot take: {exc}")
 
@@ -53,6 +60,13 @@ ERROR_TABLE: tuple[tuple[tuple[type[BaseException], ...], Maker], ...] = (
     ),
     # Full pool: a local limit, not a broken server; never invalidates the master.
     ((rex.MaxConnectionsError,), _failed),
+    # Server at maxclients (redis-py >= 8.2; a plain ConnectionError before): capacity, not a
+    # fault of ours or a config error. Other clients leave, so it is retried, with a message
+    # that names the limit. Listed before ConnectionError, its base.
+    ((rex.MaxClientsReachedError,), _full),
+    # No cluster node answered a topology refresh (redis-py >= 8.2): the deployment is
+    # unreachable for now, so retried. Listed before RedisClusterException, its base.
+    ((rex.RedisClusterUnreachableError,), _lost),
     (
         (
             rex.BusyLoadingError,  # a restarted server loading its data
@@ -104,8 +118,22 @@ REDIS_ERRORS = (rex.RedisError, rex.RedisClusterException, ConnectionError, EOFE
 _TRANSIENT_REPLIES = frozenset({"UNBLOCKED", "MASTERDOWN", "NOREPLICAS", "LOADING", "TRYAGAIN"})
 
 
+# Replies that mean a consumer group is gone: Redis lost it (NOGROUP), or the stream key was
+# deleted while an XREADGROUP was blocked on it (Redis 7 unblocks it with this reply).
+_GROUP_GONE_REPLIES = ("NOGROUP", "UNBLOCKED the stream key no longer exists")
+
+
+def group_gone(exc: BaseException) -> bool:
+    """Whether `exc` (a redis-py error or its loom-ha translation) says the group is gone."""
+    return any(reply in str(exc) for reply in _GROUP_GONE_REPLIES)
+
+
 def translate(exc: BaseException, what: str = "redis") -> LoomHAError | None:
     """The loom-ha error for a redis-py (or socket) exception, None for anything else."""
+    if type(exc) is rex.ResponseError and group_gone(exc):
+        # Not a lost master: treating it as one would drop the connections of every
+        # command in flight (a publish would be re-sent: a duplicate).
+        return _failed(what, exc)
     if type(exc) is rex.ResponseError and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES:
         # e.g. "UNBLOCKED ... instance state changed": a demoted master ended our WAIT.
         return _lost(what, exc)

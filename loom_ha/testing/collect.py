@@ -7,10 +7,18 @@ duplicated event ids so a red test says exactly what was lost.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from loom_ha.event import CloudEvent
+
+if TYPE_CHECKING:
+    from loom_ha.transport import Transport
+
+MARKER_TYPE = "loom_ha.testing.marker"
 
 
 @dataclass
@@ -73,6 +81,59 @@ def collectors(*names: str) -> list[Collector]:
     return [Collector(name, changed=changed) for name in names]
 
 
+async def publish_markers(
+    publisher: Transport, topic: str, *listeners: Collector, within: float = 10.0
+) -> set[str]:
+    """Prove that nothing else is on its way to `listeners`, without waiting "a while".
+
+    Publishes marker events on `topic` (which every listener is subscribed to) until each
+    listener received one. A publisher's events on one topic arrive in order and each
+    handler is called in arrival order, so once a listener has a marker, everything
+    published before it that was going to reach that listener has reached it. With
+    competing consumers each marker reaches one member, hence one marker after another.
+    Returns the marker ids: leave them out of the assertions (`without_markers`).
+
+    Raises:
+        AssertionError: some listener got no marker within `within` seconds.
+    """
+    markers: set[str] = set()
+    deadline = time.monotonic() + within
+    while True:
+        lacking = [c.name for c in listeners if not markers.intersection(c.ids)]
+        if not lacking:
+            return markers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no marker reached {lacking} within {within}s")
+        marker = CloudEvent.create(source="/loom_ha/testing", type=MARKER_TYPE, data={})
+        markers.add(marker.id)
+        await publisher.publish(topic, marker)
+        while not any(marker.id in c.ids for c in listeners):
+            if not await _next_arrival(listeners, deadline - time.monotonic()):
+                break
+
+
+async def _next_arrival(listeners: Sequence[Collector], timeout: float) -> bool:
+    """Wait until any of `listeners` receives an event; False when `timeout` passed first."""
+    signals = list({id(c.changed): c.changed for c in listeners}.values())
+    for signal in signals:
+        signal.clear()  # no await since the caller's check: no arrival can be missed
+    waiters = [asyncio.ensure_future(signal.wait()) for signal in signals]
+    try:
+        done, _ = await asyncio.wait(
+            waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return bool(done)
+
+
+def without_markers(ids: Iterable[str], markers: set[str]) -> list[str]:
+    """`ids` in order, marker events left out."""
+    return [i for i in ids if i not in markers]
+
+
 def distinct_ids(*groups: Collector) -> set[str]:
     """Ids received by any of `groups`."""
     return {i for group in groups for i in group.ids}
@@ -115,9 +176,13 @@ def assert_all_received(
     *,
     ordered: bool = False,
     dedupe: bool = False,
+    redelivered: int | None = None,
 ) -> None:
     """Assert every sent id arrived exactly once (or at least once with `dedupe`).
 
+    With `dedupe` (at-least-once delivery) an id may arrive more than once, but only
+    through a redelivery the transport counted: give its `statistics().redelivered`
+    as `redelivered` and every extra arrival must be one of them.
     With `ordered`, the first arrival of each id must follow the send order.
     The failure message lists missing, duplicated and unexpected ids.
     """
@@ -125,8 +190,14 @@ def assert_all_received(
     problems = []
     if report.lost:
         problems.append(f"missing {len(report.lost)}: {report.lost[:10]}")
+    extra = report.received - len(set(received_ids))
     if report.duplicated and not dedupe:
         problems.append(f"duplicated {len(report.duplicated)}: {report.duplicated[:10]}")
+    elif redelivered is not None and extra > redelivered:
+        problems.append(
+            f"{extra} duplicate arrivals but only {redelivered} counted redeliveries: "
+            f"{report.duplicated[:10]}"
+        )
     if report.unexpected:
         problems.append(f"unexpected {len(report.unexpected)}: {report.unexpected[:10]}")
     assert not problems, "; ".join(problems)

@@ -27,8 +27,15 @@ import pytest
 
 from loom_ha.errors import ConfigurationError, NotConnectedError
 from loom_ha.event import CloudEvent
-from loom_ha.testing.collect import Collector, assert_all_received, collectors, distinct_ids
-from loom_ha.transport import Capabilities, Transport
+from loom_ha.testing.collect import (
+    Collector,
+    assert_all_received,
+    collectors,
+    distinct_ids,
+    publish_markers,
+    without_markers,
+)
+from loom_ha.transport import Capabilities, Transport, TransportState
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,14 @@ class Backend:
         name: shown in test ids and messages.
         factory: returns a new, unconnected transport on the same broker.
         capabilities: what the backend declares (usually ``TransportClass.capabilities``).
-        settle: seconds a negative check ("nothing arrives") waits.
+
+    Negative checks ("nothing else arrives") never wait a fixed time: they publish a
+    marker after the events under test and wait for it (`publish_markers`).
     """
 
     name: str
     factory: Callable[[], Transport]
     capabilities: Capabilities
-    settle: float = 0.05
 
     @asynccontextmanager
     async def peers(self, count: int = 1) -> AsyncIterator[list[Transport]]:
@@ -76,6 +84,11 @@ async def publish_numbered(transport: Transport, topic: str, count: int) -> list
         await transport.publish(topic, event)
         ids.append(event.id)
     return ids
+
+
+def _tasks() -> set[asyncio.Task[Any]]:
+    """Tasks of the running loop other than the test's own."""
+    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
 
 
 def _socket_fds() -> int | None:
@@ -112,12 +125,24 @@ class TransportConformance:
         await transport.disconnect()  # idempotent, even when never connected
 
     async def test_connect_and_disconnect_are_idempotent(self, backend: Backend) -> None:
-        """connect() twice and disconnect() twice are harmless."""
+        """connect() twice and disconnect() twice are harmless: the state says so after each
+        call, the second connect() opens nothing more, and no task or socket is left."""
+        tasks_before, sockets_before = _tasks(), _socket_fds()
         transport = backend.factory()
+        assert transport.statistics().state is TransportState.NEW
         await transport.connect()
+        assert transport.statistics().state is TransportState.CONNECTED
+        tasks_connected, sockets_connected = _tasks(), _socket_fds()
         await transport.connect()
+        assert transport.statistics().state is TransportState.CONNECTED
+        assert _tasks() == tasks_connected, "a second connect() started tasks"
+        assert _socket_fds() == sockets_connected, "a second connect() opened sockets"
         await transport.disconnect()
+        assert transport.statistics().state is TransportState.DISCONNECTED
         await transport.disconnect()
+        assert transport.statistics().state is TransportState.DISCONNECTED
+        assert _tasks() == tasks_before, "disconnect() left tasks behind"
+        assert _socket_fds() == sockets_before, "disconnect() left sockets open"
 
     async def test_exact_topic_delivers_event_intact(self, backend: Backend, prefix: str) -> None:
         """An event on an exact topic arrives with every attribute unchanged."""
@@ -158,14 +183,21 @@ class TransportConformance:
         else:
             subscribed = prefix + pattern
             ok, no = [prefix + t for t in matching], [prefix + t for t in other]
+        witness = Collector("witness")
         async with backend.peers(2) as (sub, pub):
             await sub.subscribe(subscribed, got)
-            for topic in no:
-                await pub.publish(topic, make_event(-1))
+            for topic in no:  # brings the other topics to the subscriber: it must filter them
+                await sub.subscribe(topic, witness)
+            others = [await _publish_one(pub, t) for t in no]
             sent = [await _publish_one(pub, t) for t in ok]
             await got.wait_for(len(sent))
-            await asyncio.sleep(backend.settle)
-        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+            await witness.wait_until(
+                lambda: set(others) <= set(witness.ids), what=lambda: f"witness: {witness.ids}"
+            )
+            markers = await publish_markers(pub, ok[-1], got)
+        assert_all_received(
+            sent, without_markers(got.ids, markers), dedupe=backend.capabilities.at_least_once
+        )
 
     async def test_star_alone_matches_everything(self, backend: Backend, prefix: str) -> None:
         """A subscription to `*` receives events of every topic."""
@@ -193,8 +225,15 @@ class TransportConformance:
                 await sub.subscribe(pattern, got)
             sent = await publish_numbered(pub, prefix + "a/b", 5)
             await got.wait_for(5)
-            await asyncio.sleep(backend.settle)
-        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+            markers = await publish_markers(pub, prefix + "a/b", got)
+            redelivered = sub.statistics().redelivered
+        # The marker too arrived once, though three patterns match it.
+        assert_all_received(
+            [*sent, *markers],
+            got.ids,
+            dedupe=backend.capabilities.at_least_once,
+            redelivered=redelivered,
+        )
 
     async def test_unsubscribe_stops_delivery(self, backend: Backend, prefix: str) -> None:
         """After unsubscribe() the handler gets nothing; unknown pairs are a no-op."""
@@ -209,7 +248,7 @@ class TransportConformance:
             await sub.unsubscribe(prefix + "t", gone)
             await _publish_one(pub, prefix + "t")
             await stays.wait_for(2)
-            await asyncio.sleep(backend.settle)
+            await publish_markers(pub, prefix + "t", stays)
         assert len(gone.events) == 1
 
     async def test_handler_errors_are_isolated(self, backend: Backend, prefix: str) -> None:
@@ -274,11 +313,13 @@ class TransportConformance:
                 lambda: len(distinct_ids(a, b)) >= 40,
                 what=lambda: f"group: {len(distinct_ids(a, b))}",
             )
-            await asyncio.sleep(backend.settle)
+            markers = await publish_markers(pub, prefix + "jobs", a, b, watcher)
+            redelivered = sub_a.statistics().redelivered + sub_b.statistics().redelivered
         dedupe = backend.capabilities.at_least_once
-        assert_all_received(sent, a.ids + b.ids, dedupe=dedupe)
+        members = without_markers(a.ids + b.ids, markers)
+        assert_all_received(sent, members, dedupe=dedupe, redelivered=redelivered)
         assert a.events and b.events, "both members should get a share"
-        assert_all_received(sent, watcher.ids, dedupe=dedupe)
+        assert_all_received(sent, without_markers(watcher.ids, markers), dedupe=dedupe)
 
     async def test_loom_requests_reach_one_instance(self, backend: Backend, prefix: str) -> None:
         """Without a group, `node.request/<node>` subscribers compete (Loom's default rule)."""
@@ -294,8 +335,14 @@ class TransportConformance:
                 lambda: len(distinct_ids(a, b)) >= 20,
                 what=lambda: f"group: {len(distinct_ids(a, b))}",
             )
-            await asyncio.sleep(backend.settle)
-        assert_all_received(sent, a.ids + b.ids, dedupe=backend.capabilities.at_least_once)
+            markers = await publish_markers(pub, topic, a, b)
+            redelivered = sub_a.statistics().redelivered + sub_b.statistics().redelivered
+        assert_all_received(
+            sent,
+            without_markers(a.ids + b.ids, markers),
+            dedupe=backend.capabilities.at_least_once,
+            redelivered=redelivered,
+        )
 
     @pytest.mark.parametrize(
         "suffix",
@@ -313,8 +360,17 @@ class TransportConformance:
             sent = await _publish_one(pub, topic)
             await exact.wait_for(1)
             await wild.wait_for(1)
-        assert exact.ids == [sent] or backend.capabilities.at_least_once
-        assert sent in wild.ids
+            markers = await publish_markers(pub, topic, exact, wild)
+            redelivered = sub.statistics().redelivered
+        # At-most-once: exactly once. At-least-once: never absent, never unexpected, and
+        # every extra arrival a redelivery the transport counted.
+        for got in (exact, wild):
+            assert_all_received(
+                [sent],
+                without_markers(got.ids, markers),
+                dedupe=backend.capabilities.at_least_once,
+                redelivered=redelivered,
+            )
 
     async def test_burst_of_10k_loses_nothing(self, backend: Backend, prefix: str) -> None:
         """10,000 events published back to back all arrive."""
@@ -352,9 +408,11 @@ class TransportConformance:
             with pytest.raises(ConfigurationError, match=r"x\*"):
                 await pub.publish_many([*before, (prefix + "x*", make_event()), *after])
             await got.wait_for(len(before))
-            await asyncio.sleep(backend.settle)
-        sent = [e.id for _, e in before]
-        assert_all_received(sent, got.ids, dedupe=backend.capabilities.at_least_once)
+            markers = await publish_markers(pub, prefix + "m", got)
+        sent = [e.id for _, e in before]  # an `after` id would be reported as unexpected
+        assert_all_received(
+            sent, without_markers(got.ids, markers), dedupe=backend.capabilities.at_least_once
+        )
 
     async def test_invalid_topics_are_rejected(self, backend: Backend, prefix: str) -> None:
         """Bad patterns and bad publish topics fail with ConfigurationError naming them."""

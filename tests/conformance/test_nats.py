@@ -27,5 +27,4 @@ class TestNatsConformance(TransportConformance):
             "nats-jetstream",
             lambda: JetStreamTransport([url], consumer=consumer),
             JetStreamTransport.capabilities,
-            settle=0.2,
         )

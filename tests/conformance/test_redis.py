@@ -22,7 +22,6 @@ def backend_redis_pubsub(redis_server: RedisServer) -> Backend:
         "redis-pubsub",
         lambda: RedisPubSubTransport(redis_server.url),
         RedisPubSubTransport.capabilities,
-        settle=0.1,
     )
 
 
@@ -33,7 +32,6 @@ def backend_redis_streams(redis_server: RedisServer) -> Backend:
         "redis-streams",
         lambda: RedisStreamsTransport(redis_server.url),
         RedisStreamsTransport.capabilities,
-        settle=0.1,
     )
 
 
@@ -44,7 +42,7 @@ def backend_redis_mixed(redis_server: RedisServer) -> Backend:
     def make() -> RedisTransport:
         return RedisTransport(redis_server.url, mode="streams", topic_modes=MIXED_TOPIC_MODES)
 
-    return Backend("redis-mixed", make, make().capabilities, settle=0.1)
+    return Backend("redis-mixed", make, make().capabilities)
 
 
 class TestRedisConformance(TransportConformance):

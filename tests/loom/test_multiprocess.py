@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,10 +98,6 @@ async def test_slow_node_hits_the_dispatcher_timeout(client: Any, nodes: NodePro
     # The rest of the system is unaffected.
     client.dispatcher.interceptors[-1].default_timeout_sec = 10.0
     assert (await client.run("still", target="node/echo")).endswith(":still")
-
-
-with contextlib.suppress(ImportError):  # keep collection working without the loom extra
-    import loom  # noqa: F401
 
 
 @pytest.mark.parametrize(

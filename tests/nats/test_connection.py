@@ -7,7 +7,12 @@ import uuid
 
 import pytest
 
-from loom_ha.errors import ConfigurationError, ConnectionLostError, NotConnectedError
+from loom_ha.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    NotConnectedError,
+    TransientError,
+)
 from loom_ha.event import CloudEvent
 from loom_ha.nats import JetStreamTransport, NatsCoreTransport
 from loom_ha.testing.collect import Collector
@@ -45,10 +50,15 @@ async def test_user_password_and_token_auth(server_launcher: ServerLauncher) -> 
     ):
         async with transport:
             await _round_trip(transport)
-    wrong = NatsCoreTransport([plain_users], user="loom", password="nope", connect_timeout=2.0)
-    with pytest.raises((ConfigurationError, ConnectionLostError)):
-        await wrong.connect()
-    await wrong.disconnect()
+    # One clear, non-retryable error naming the cause, long before connect_timeout (30 s).
+    for wrong in (
+        NatsCoreTransport([plain_users], user="loom", password="nope", connect_timeout=30.0),
+        NatsCoreTransport([plain_tokens], token="wrong", connect_timeout=30.0),
+    ):
+        with pytest.raises(ConfigurationError, match="refused the credentials") as info:
+            await wrong.connect()
+        assert not isinstance(info.value, TransientError)
+        await wrong.disconnect()
 
 
 async def test_tls_with_a_ca_file_and_a_context(server_launcher: ServerLauncher) -> None:

@@ -39,6 +39,10 @@ def test_every_client_exception_is_named_in_the_table(cls: type[BaseException]) 
         (rex.DataError("bad"), ConfigurationError, False),
         (rex.ResponseError("NOGROUP"), TransportError, False),
         (rex.ResponseError("UNBLOCKED force unblock"), ConnectionLostError, True),
+        # A stream key deleted under a blocked XREADGROUP: the group is gone, not the master.
+        (rex.ResponseError("UNBLOCKED the stream key no longer exists"), TransportError, False),
+        (rex.MaxClientsReachedError("max number of clients reached"), ConnectionLostError, True),
+        (rex.RedisClusterUnreachableError("no node answered"), ConnectionLostError, True),
         (ConnectionResetError("peer"), ConnectionLostError, True),
     ],
 )

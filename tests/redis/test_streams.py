@@ -12,7 +12,12 @@ from loom_ha.deadletter import DeadLetter
 from loom_ha.event import CloudEvent, EventCodec
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis import RedisStreamsTransport
-from loom_ha.testing.collect import Collector, assert_all_received
+from loom_ha.testing.collect import (
+    Collector,
+    assert_all_received,
+    publish_markers,
+    without_markers,
+)
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 
@@ -139,16 +144,27 @@ async def test_wildcards_pick_up_streams_created_later(redis_server: RedisServer
 async def test_lost_group_is_recreated_and_reported(
     redis_server: RedisServer, raw: aioredis.Redis, tag: str
 ) -> None:
-    """When the consumer group vanishes (NOGROUP) it is recreated, counted, and reading resumes."""
+    """When the consumer group vanishes (NOGROUP) it is recreated, counted, and reading resumes.
+
+    The key is deleted while the consumer is blocked in XREADGROUP (block=5 s), which Redis
+    answers with "UNBLOCKED the stream key no longer exists": that is the group gone, not
+    the master lost; taking it for a lost master dropped every connection in flight and
+    re-sent a concurrent publish (the event arrived twice).
+    """
     got = Collector()
-    async with RedisStreamsTransport(redis_server.url, block=0.2) as t:
+    async with RedisStreamsTransport(redis_server.url, block=5.0) as t:
         await t.subscribe(tag + "x", got, group="g")
-        await raw.delete(f"loom:stream:{tag}x")
+        generation = t.connector.generation
+        stream = f"loom:stream:{tag}x"
+        await _until_blocked_in(raw, "xreadgroup")
+        await raw.delete(stream)
         sent = _event()
         await t.publish(tag + "x", sent)
         await got.wait_for(1)
-        assert (t.statistics().extra or {})["groups_recreated"] >= 1
-    assert got.ids == [sent.id]
+        markers = await publish_markers(t, tag + "x", got)
+        assert (t.statistics().extra or {})["groups_recreated"] == 1
+        assert t.connector.generation == generation, "the master was taken for lost"
+    assert without_markers(got.ids, markers) == [sent.id]
 
 
 async def test_streams_are_capped_approximately(
@@ -199,3 +215,13 @@ async def test_pipelined_appends_without_reply_are_resent_and_counted(
     assert stats.extra is not None and stats.extra["resent"] == len(batch)
     ids = [e.id for e in batch]
     assert got.ids == ids + ids  # the duplicates at-least-once allows (and counts)
+
+
+async def _until_blocked_in(raw: aioredis.Redis, command: str, within: float = 10.0) -> None:
+    """Return once some client of the server is blocked (flag b) in `command`."""
+    for _ in range(int(within / 0.01)):
+        clients = await raw.client_list()
+        if any(c.get("cmd") == command and "b" in c.get("flags", "") for c in clients):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no client blocked in {command} within {within}s")

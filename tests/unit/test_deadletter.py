@@ -48,6 +48,23 @@ def test_dead_letter_of_garbage_keeps_the_exact_bytes() -> None:
         back.original(codec)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"specversion": "0.3", "id": "1", "source": "/s", "type": "t"}',  # spaced JSON
+        b'{"specversion":"1.0","id":"1","source":"/s","type":"t","data":"\\u00fc"}',  # escape
+        b'{"a":1.0e2}',  # a number form JSON would rewrite
+        '{"ok":"\u00fc"}'.encode(),  # compact, unicode: may travel as JSON
+    ],
+)
+def test_dead_letter_of_json_keeps_the_exact_bytes(raw: bytes) -> None:
+    """A JSON original (valid or not) comes back byte for byte, never re-serialized."""
+    codec = EventCodec()
+    letter = DeadLetter(reason="bad", topic="t", origin="test", attempts=0, raw=raw)
+    back = DeadLetter.from_event(codec.decode(codec.encode(letter.to_event())))
+    assert back.raw == raw
+
+
 def test_policy_backoff_grows_and_caps() -> None:
     """Delays double from backoff_initial up to backoff_max; the schedule has one per retry."""
     policy = DeliveryPolicy(max_deliveries=5, backoff_initial=0.5, backoff_max=2.0)

@@ -122,7 +122,7 @@ class RedisTransportBase(Transport):
         """Connect to the master (found through Sentinel if configured); idempotent.
 
         Raises:
-            FailoverExhaustedError: no master answered within `connect_timeout`.
+            ConnectionLostError: no master answered within `connect_timeout` (transient).
             TransportError: credentials refused.
         """
         if self._state is TransportState.CONNECTED:

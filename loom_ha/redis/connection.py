@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from loom_ha._tasks import TaskSupervisor
-from loom_ha.errors import ConnectionLostError, LoomHAError
+from loom_ha.errors import ConnectionLostError, FailoverExhaustedError, LoomHAError
 from loom_ha.redis._connections import LeanConnection, LeanSSLConnection
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
 from loom_ha.redis._roundtrip import UnconfirmedError, Written, checkout, round_trip
@@ -128,7 +128,7 @@ class RedisConnector:
         """Find the master (retrying up to `timeout` s) and start the Sentinel watchers.
 
         Raises:
-            FailoverExhaustedError: no master was reachable within `timeout`.
+            ConnectionLostError: no master was reachable within `timeout` (transient).
             TransportError: credentials refused or another non-transient error.
         """
         self._closed = False
@@ -139,7 +139,14 @@ class RedisConnector:
                 for address in self.settings.addresses
             ]
         policy = RetryPolicy(timeout=timeout, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1)
-        await policy.call(self.client)
+        try:
+            await policy.call(self.client)
+        except FailoverExhaustedError as exc:
+            # The limit of this attempt, not a verdict on the broker: transient, like NATS's
+            # connect timeout, so a caller that never gives up (HATransport) tries again.
+            raise ConnectionLostError(
+                f"{self._owner}: no redis master reachable within {timeout}s: {exc.__cause__}"
+            ) from exc
         if self.settings.sentinel:
             self._tasks.spawn(self._watch_sentinels(), name="sentinel-watch")
             self._tasks.spawn(self._check_role(), name="role-check")

@@ -126,7 +126,7 @@ class RedisTransport(Transport):
         """Find the master once and start every mode in use on it; idempotent.
 
         Raises:
-            FailoverExhaustedError: no master answered within `connect_timeout`.
+            ConnectionLostError: no master answered within `connect_timeout` (transient).
             TransportError: credentials refused.
         """
         if self._state is TransportState.CONNECTED:

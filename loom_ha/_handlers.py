@@ -81,6 +81,7 @@ async def invoke(handler: Handler, topic: str, event: Any, counters: DeliveryCou
             await result
     except Exception:
         _handler_failed(handler, topic, event, counters)
+        raise_swallowed_cancellation()
         return False
     except asyncio.CancelledError:
         task = asyncio.current_task()
@@ -88,8 +89,22 @@ async def invoke(handler: Handler, topic: str, event: Any, counters: DeliveryCou
             raise
         _handler_failed(handler, topic, event, counters)
         return False
+    raise_swallowed_cancellation()
     counters.delivered += 1
     return True
+
+
+def raise_swallowed_cancellation() -> None:
+    """Re-raise a cancellation of the calling task that a handler caught and dropped.
+
+    A handler that swallows `CancelledError` (Loom 0.3.4's `Node._handle_request` does,
+    when Python 3.11's `asyncio.wait_for` loses it) would otherwise keep its delivery
+    task alive, and `disconnect()` would wait for it forever. The task's `cancelling()`
+    count still says a cancellation was requested: honour it here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _handler_failed(handler: Handler, topic: str, event: Any, counters: DeliveryCounters) -> None:

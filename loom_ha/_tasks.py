@@ -16,6 +16,12 @@ T = TypeVar("T")
 
 log = logging.getLogger("loom_ha.tasks")
 
+# Shutdown is bounded: a task still running RECANCEL_INTERVAL s after its cancel is
+# cancelled again (code that caught one cancellation meets the next), and one still running
+# after SHUTDOWN_GRACE s is logged and left behind rather than hanging close() forever.
+RECANCEL_INTERVAL = 1.0
+SHUTDOWN_GRACE = 10.0
+
 
 class TaskSupervisor:
     """Spawns named background tasks and cancels + awaits them on `aclose()`."""
@@ -77,12 +83,24 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
         task.cancel()
     cancelled_while_waiting = False
     pending = tasks
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SHUTDOWN_GRACE
     while pending:
         try:
-            _, pending = await asyncio.wait(pending)
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_INTERVAL)
         except asyncio.CancelledError:
             # Keep waiting (without interrupting their cleanup): leaving tasks
             # behind is worse than honouring our own cancellation a little late.
             cancelled_while_waiting = True
+            continue
+        if pending and loop.time() >= deadline:
+            log.error(
+                "tasks %s ignored cancellation for %.0f s; left behind so shutdown can finish",
+                sorted(t.get_name() for t in pending),
+                SHUTDOWN_GRACE,
+            )
+            break
+        for task in pending:  # code that caught the first cancellation gets another
+            task.cancel()
     if cancelled_while_waiting:
         raise asyncio.CancelledError

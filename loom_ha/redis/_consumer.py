@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from loom_ha._handlers import Handler, SubscriptionKey
+from loom_ha._handlers import Handler, SubscriptionKey, raise_swallowed_cancellation
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.redis._errors import group_gone
@@ -48,7 +48,9 @@ async def attempt(
         log.exception(
             "handler %r failed on topic %r, event id %r", handler, topic, getattr(event, "id", None)
         )
+        raise_swallowed_cancellation()
         return exc
+    raise_swallowed_cancellation()
     counters.delivered += 1
     return None
 

@@ -88,7 +88,7 @@ async def publish_numbered(transport: Transport, topic: str, count: int) -> list
 
 def _tasks() -> set[asyncio.Task[Any]]:
     """Tasks of the running loop other than the test's own."""
-    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+    return asyncio.all_tasks() - {asyncio.current_task()}
 
 
 def _socket_fds() -> int | None:
@@ -423,6 +423,40 @@ class TransportConformance:
                 await transport.publish(prefix + "x*", make_event())
             with pytest.raises(ConfigurationError):
                 await transport.publish("", make_event())
+
+    async def test_disconnect_finishes_when_a_handler_swallows_cancellation(
+        self, backend: Backend, prefix: str
+    ) -> None:
+        """A handler that catches `CancelledError` and returns (Loom 0.3.4's request handler
+        can, through Python 3.11's `wait_for`) cannot keep disconnect() waiting or leave its
+        delivery task behind."""
+        tasks_before = _tasks()
+        inside, swallowed = asyncio.Event(), asyncio.Event()
+
+        async def swallowing(event: Any) -> None:
+            inside.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed.set()  # and return normally: the cancellation is dropped
+
+        sub, pub = backend.factory(), backend.factory()
+        if not backend.capabilities.cross_instance:
+            pub = sub
+        await sub.connect()
+        await pub.connect()
+        try:
+            await sub.subscribe(prefix + "stuck", swallowing)
+            await _publish_one(pub, prefix + "stuck")
+            async with asyncio.timeout(10):
+                await inside.wait()
+            async with asyncio.timeout(30):  # a hang is the failure; 30 s bounds the test
+                await sub.disconnect()
+            assert swallowed.is_set()
+        finally:
+            await pub.disconnect()
+            await sub.disconnect()
+        assert _tasks() == tasks_before, "a delivery task outlived disconnect()"
 
     async def test_disconnect_leaves_nothing_behind(self, backend: Backend, prefix: str) -> None:
         """After disconnect() no task and no socket of the transport is left."""

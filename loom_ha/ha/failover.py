@@ -31,6 +31,7 @@ from loom_ha.errors import (
     ConfigurationError,
     ConnectionLostError,
     FailoverExhaustedError,
+    NotConnectedError,
     TransientError,
     TransportClosedError,
 )
@@ -156,17 +157,50 @@ class HATransport(Transport):
         if self._state is TransportState.CLOSED:
             raise TransportClosedError("HATransport is closed")
         if self._state is TransportState.CONNECTING:
-            await self._cell.wait_connected()
+            await self._wait_first_connect()
             return
         self._tasks.reopen()
         self._set_state(TransportState.CONNECTING)
+        # The attempt is a supervised task, so disconnect()/close() from another task
+        # cancel it and wait until the inner transport cleaned up: nothing it was opening
+        # outlives them (Loom starts a connect in a task nobody awaits).
+        attempt = self._tasks.spawn(
+            self._retry.call(self._attach, on_retry=self._log_retry), name="connect"
+        )
         try:
-            await self._retry.call(self._attach, on_retry=self._log_retry)
+            await attempt
+        except asyncio.CancelledError:
+            if self._state is TransportState.CONNECTING:
+                self._set_state(TransportState.DISCONNECTED)  # our caller was cancelled
+            if _cancelling():
+                raise
+            raise self._stopped_while_connecting() from None
         except BaseException:
-            self._set_state(TransportState.DISCONNECTED)
+            if self._state is TransportState.CONNECTING:
+                self._set_state(TransportState.DISCONNECTED)
             raise
+        if self._state is not TransportState.CONNECTING:
+            raise self._stopped_while_connecting()
         self._set_state(TransportState.CONNECTED)
         self._tasks.spawn(self._watch_inner(), name="health")
+
+    async def _wait_first_connect(self) -> None:
+        """A second connect() while the first is under way: share its outcome."""
+        ended = asyncio.Event()
+        remove = self._cell.add_listener(lambda state: ended.set())
+        try:
+            while self._state is TransportState.CONNECTING:
+                ended.clear()
+                await ended.wait()
+        finally:
+            remove()
+        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            raise self._stopped_while_connecting()
+
+    def _stopped_while_connecting(self) -> Exception:
+        if self._state is TransportState.CLOSED:
+            return TransportClosedError("HATransport was closed while connecting")
+        return NotConnectedError(f"HATransport connect ended: state is {self._state.value}")
 
     async def _attach(self) -> None:
         """Connect the inner transport and restore every recorded subscription on it."""
@@ -400,3 +434,9 @@ class HATransport(Transport):
             outbox_depth=self._outbox.depth,
             outbox_dropped=self._outbox.dropped,
         )
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not a task it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

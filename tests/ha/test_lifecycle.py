@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import urllib.request
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
+from loom_ha.config import create_transport
+from loom_ha.errors import TransportClosedError
 from loom_ha.ha import HATransport
 from loom_ha.nats import NatsCoreTransport
 from loom_ha.redis import RedisPubSubTransport
@@ -73,3 +79,77 @@ async def test_connect_waits_for_a_broker_that_starts_later(
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
         await ha.close()
+
+
+async def _broker_clients(broker: str, server: object) -> int:
+    """How many client connections the broker itself counts."""
+    if broker == "redis":
+        assert isinstance(server, RedisServer)
+        raw = aioredis.Redis.from_url(server.url)
+        try:
+            return len(await raw.client_list()) - 1  # less our own
+        finally:
+            await raw.aclose()
+    assert isinstance(server, NatsServer)
+
+    def connz() -> int:
+        with urllib.request.urlopen(f"{server.monitoring_url}/connz", timeout=5) as reply:
+            return int(json.load(reply)["num_connections"])
+
+    return await asyncio.to_thread(connz)
+
+
+CLOSE_DURING_CONNECT = [
+    pytest.param("memory", "memory://", id="memory"),
+    pytest.param(
+        "redis", "redis://127.0.0.1:{port}?mode=pubsub", marks=pytest.mark.redis, id="redis-pubsub"
+    ),
+    pytest.param("redis", "redis://127.0.0.1:{port}", marks=pytest.mark.redis, id="redis-streams"),
+    pytest.param(
+        "nats", "nats://127.0.0.1:{port}?mode=core", marks=pytest.mark.nats, id="nats-core"
+    ),
+    pytest.param("nats", "nats://127.0.0.1:{port}", marks=pytest.mark.nats, id="nats-jetstream"),
+]
+
+
+@pytest.mark.parametrize("when", ["at-once", "next-tick", "broker-saw-it"])
+@pytest.mark.parametrize(("broker", "url"), CLOSE_DURING_CONNECT)
+async def test_close_while_connecting_leaves_nothing_behind(
+    broker: str, url: str, when: str, server_launcher: ServerLauncher
+) -> None:
+    """close() from another task while connect() is under way (Loom starts a connect in a
+    task nobody awaits) leaves no task, no socket and no client on the broker; connect()
+    then raises TransportClosedError, and the transport stays closed."""
+    server: object = None
+    if broker == "redis":
+        server = await asyncio.to_thread(server_launcher.redis)
+        url = url.format(port=server.port)
+    elif broker == "nats":
+        server = await asyncio.to_thread(server_launcher.nats, jetstream=True)
+        url = url.format(port=server.port)
+    baseline = await _broker_clients(broker, server) if server is not None else 0
+    tasks_before = asyncio.all_tasks() - {asyncio.current_task()}
+    transport = create_transport(url)
+    connecting = asyncio.ensure_future(transport.connect())
+    if when == "next-tick":
+        await asyncio.sleep(0)
+    elif when == "broker-saw-it" and server is not None:
+        for _ in range(1000):  # until the broker counts our connection (or connect is done)
+            if connecting.done() or await _broker_clients(broker, server) > baseline:
+                break
+            await asyncio.sleep(0.005)
+    await transport.close()
+    # Closed before it finished: TransportClosedError, unless connect() finished first.
+    with contextlib.suppress(TransportClosedError):
+        await connecting
+    assert transport.statistics().state is TransportState.CLOSED
+    with pytest.raises(TransportClosedError):
+        await transport.connect()
+    assert asyncio.all_tasks() - {asyncio.current_task()} == tasks_before
+    if server is not None:
+        # The broker notices a closed socket a moment later: eventually, within 10 s.
+        for _ in range(1000):
+            if await _broker_clients(broker, server) == baseline:
+                break
+            await asyncio.sleep(0.01)
+        assert await _broker_clients(broker, server) == baseline, "a client stayed on the broker"

@@ -170,16 +170,16 @@ class HATransport(Transport):
         try:
             await attempt
         except asyncio.CancelledError:
-            if self._state is TransportState.CONNECTING:
+            if self._connecting():
                 self._set_state(TransportState.DISCONNECTED)  # our caller was cancelled
             if _cancelling():
                 raise
             raise self._stopped_while_connecting() from None
         except BaseException:
-            if self._state is TransportState.CONNECTING:
+            if self._connecting():
                 self._set_state(TransportState.DISCONNECTED)
             raise
-        if self._state is not TransportState.CONNECTING:
+        if not self._connecting():
             raise self._stopped_while_connecting()
         self._set_state(TransportState.CONNECTED)
         self._tasks.spawn(self._watch_inner(), name="health")
@@ -196,6 +196,10 @@ class HATransport(Transport):
             remove()
         if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
             raise self._stopped_while_connecting()
+
+    def _connecting(self) -> bool:
+        """Still CONNECTING (read afresh: another task may have closed us meanwhile)."""
+        return self._cell.state is TransportState.CONNECTING
 
     def _stopped_while_connecting(self) -> Exception:
         if self._state is TransportState.CLOSED:

@@ -125,6 +125,7 @@ class RedisPubSubTransport(RedisTransportBase):
         self._confirmed: dict[Native, asyncio.Event] = {}
         self._conn: AbstractConnection | None = None
         self._listening = False
+        self._listening_started = asyncio.Event()  # set once the listener first listens
         self._send_lock = asyncio.Lock()
         self._sub_lock = asyncio.Lock()
         self._warned_groups = False
@@ -137,7 +138,17 @@ class RedisPubSubTransport(RedisTransportBase):
 
     @override
     async def _start_mode(self) -> None:
+        """Start the listener and return once it listens: connect() means CONNECTED."""
+        self._listening_started.clear()
         self._listener = self.local.tasks.spawn(self._listen(), name="listener")
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._listening_started.wait()
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"redis-pubsub: the listener connection did not open within "
+                f"connect_timeout={self._connect_timeout}s"
+            ) from None
 
     @override
     async def _stop_mode(self) -> None:
@@ -282,6 +293,7 @@ class RedisPubSubTransport(RedisTransportBase):
                 if patterns:
                     await conn.send_command("PSUBSCRIBE", *patterns, check_health=False)
             self._listening = True
+            self._listening_started.set()
         await self._read(conn)
 
     async def _read(self, conn: AbstractConnection) -> None:

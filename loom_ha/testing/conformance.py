@@ -129,15 +129,17 @@ class TransportConformance:
         call, the second connect() opens nothing more, and no task or socket is left."""
         tasks_before, sockets_before = _tasks(), _socket_fds()
         transport = backend.factory()
-        assert transport.statistics().state is TransportState.NEW
-        await transport.connect()
-        assert transport.statistics().state is TransportState.CONNECTED
-        tasks_connected, sockets_connected = _tasks(), _socket_fds()
-        await transport.connect()
-        assert transport.statistics().state is TransportState.CONNECTED
-        assert _tasks() == tasks_connected, "a second connect() started tasks"
-        assert _socket_fds() == sockets_connected, "a second connect() opened sockets"
-        await transport.disconnect()
+        try:
+            assert transport.statistics().state is TransportState.NEW
+            await transport.connect()
+            assert transport.statistics().state is TransportState.CONNECTED
+            tasks_connected, sockets_connected = _tasks(), _socket_fds()
+            await transport.connect()
+            assert transport.statistics().state is TransportState.CONNECTED
+            assert _tasks() == tasks_connected, "a second connect() started tasks"
+            assert _socket_fds() == sockets_connected, "a second connect() opened sockets"
+        finally:
+            await transport.disconnect()
         assert transport.statistics().state is TransportState.DISCONNECTED
         await transport.disconnect()
         assert transport.statistics().state is TransportState.DISCONNECTED

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loom_ha.chaos import Broker, ChaosReport, run_chaos
+from loom_ha.testing.chaos import Broker, ChaosReport, run_chaos
 
 
 async def run_chaos_command(

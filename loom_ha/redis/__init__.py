@@ -14,8 +14,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from loom_ha.redis._errors import map_redis_errors
 from loom_ha.redis.pubsub import RedisPubSubTransport
-from loom_ha.redis.routing import Mode, ModeRouter
 from loom_ha.redis.streams import RedisStreamsTransport
+from loom_ha.redis.topic_modes import Mode, ModeRouter
 from loom_ha.redis.transport import RedisTransport
 from loom_ha.redis.url import RedisSettings, parse_redis_url
 

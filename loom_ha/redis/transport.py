@@ -26,8 +26,8 @@ from loom_ha.errors import LoomHAError, UnsupportedCapabilityError
 from loom_ha.redis._base import Encoded, RedisTransportBase, detach_modes, start_modes
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.pubsub import RedisPubSubTransport
-from loom_ha.redis.routing import Mode, ModeRouter, weakest
 from loom_ha.redis.streams import RedisStreamsTransport
+from loom_ha.redis.topic_modes import Mode, ModeRouter, weakest
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Transport,

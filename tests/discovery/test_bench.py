@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loom_ha.discovery.bench import bench_registry
+from loom_ha.bench.discovery import bench_registry
 from loom_ha.testing.servers import ConsulAgent
 
 from .conftest import consul_url

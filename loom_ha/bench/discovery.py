@@ -1,6 +1,6 @@
 """Registry benchmark: registration and heartbeat cost per instance, and watch propagation latency.
 
-Run ``python -m loom_ha.discovery.bench [URL] [--instances N] [--samples N]``; without a URL
+Run ``python -m loom_ha.bench.discovery [URL] [--instances N] [--samples N]``; without a URL
 it starts a private ``consul agent -dev`` (from `loom_ha.testing`) and stops it afterwards.
 """
 
@@ -108,7 +108,7 @@ async def bench_registry(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints the summary."""
-    parser = argparse.ArgumentParser(prog="python -m loom_ha.discovery.bench")
+    parser = argparse.ArgumentParser(prog="python -m loom_ha.bench.discovery")
     parser.add_argument("url", nargs="?", help="registry URL (default: a private consul -dev)")
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--samples", type=int, default=40)

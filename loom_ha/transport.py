@@ -175,6 +175,16 @@ class Transport(ABC):
         if state is not TransportState.CONNECTED:
             raise ConnectionLostError(f"{self.statistics().backend} transport is {state.value}")
 
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        """The group a subscription to `pattern` joins: `group`, else the backend's group rule
+        (Loom's ``node.request/<node>``); None means fan-out (every subscriber gets each event).
+
+        Layers above a backend (HATransport's dedup) ask it, so they never treat competing
+        deliveries as fan-out or the other way round. Backends without competing consumers
+        return None.
+        """
+        return group if self.capabilities.competing_consumers else None
+
     async def close(self) -> None:
         """Alias of `disconnect()`: LoomApp never disconnects, so owners close."""
         await self.disconnect()

@@ -107,6 +107,13 @@ class HATransport(Transport):
         self._retry = retry or RetryPolicy()
         self._outbox = Outbox(outbox or OutboxConfig())
         self._dedup: DedupWindow | None = MemoryDedup() if dedup is True else (dedup or None)
+        # Fan-out deliveries are this process's own: never merged through a shared window
+        # (two processes' reply handlers would drop each other's replies).
+        self._local_dedup: DedupWindow | None = (
+            self._dedup
+            if self._dedup is None or isinstance(self._dedup, MemoryDedup)
+            else MemoryDedup()
+        )
         self.capabilities = replace(self._inner.capabilities, dedup=self._dedup is not None)
         self._instance_id = instance_id
         self._health_interval = health_interval
@@ -240,6 +247,8 @@ class HATransport(Transport):
             await self._inner.disconnect()
             if self._dedup is not None:
                 await self._dedup.close()
+            if self._local_dedup is not None and self._local_dedup is not self._dedup:
+                await self._local_dedup.close()
 
     # -- operations ----------------------------------------------------------------------
 
@@ -310,15 +319,17 @@ class HATransport(Transport):
         """One wrapper per handler, so the inner transport's once-per-handler rule holds."""
         wrapper = self._wrappers.get(handler)
         if wrapper is None:
-            if self._dedup is None:
+            if self._dedup is None or self._local_dedup is None:
                 wrapper = handler
             else:
-                scope = (
-                    f"g:{sub.group}:{sub.topic}"
-                    if sub.group
-                    else f"i:{self._instance_id}:{id(handler)}"
-                )
-                wrapper = DedupHandler(handler, self._dedup, scope, self._count_duplicate)
+                # Competing deliveries (a group, given or by the backend's rule) share the
+                # configured window across instances; fan-out ones use this process's own.
+                group = self._inner.resolve_group(sub.topic, sub.group)
+                if group is not None:
+                    window, scope = self._dedup, f"g:{group}:{sub.topic}"
+                else:
+                    window, scope = self._local_dedup, f"i:{self._instance_id}:{id(handler)}"
+                wrapper = DedupHandler(handler, window, scope, self._count_duplicate)
             self._wrappers[handler] = wrapper
         return wrapper
 
@@ -424,6 +435,10 @@ class HATransport(Transport):
     def outbox_depth(self) -> int:
         """Publishes waiting for the broker."""
         return self._outbox.depth
+
+    @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        return self._inner.resolve_group(pattern, group)
 
     @override
     def statistics(self) -> TransportStatistics:

@@ -221,6 +221,10 @@ class NatsTransportBase(Transport):
             await self._conn.client.flush(timeout=self.options.connect_timeout)  # type: ignore[arg-type]
 
     @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        return self._local.resolve_group(pattern, group)
+
+    @override
     def statistics(self) -> TransportStatistics:
         conn = self._conn
         return self._local.statistics(

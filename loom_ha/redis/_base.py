@@ -318,6 +318,12 @@ class RedisTransportBase(Transport):
         except FailoverExhaustedError as exc:
             raise ConnectionLostError(f"{self.backend}: no master answers: {exc}") from exc
 
+    @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        if not self.capabilities.competing_consumers:  # Pub/Sub: every subscriber gets it
+            return None
+        return self.local.resolve_group(pattern, group)
+
     def _connected(self) -> bool:
         return self._state is TransportState.CONNECTED
 

@@ -155,6 +155,14 @@ class RedisTransport(Transport):
             if connector is not None:
                 await connector.close()
 
+    @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        """A group only where every mode the pattern travels in has competing consumers."""
+        groups = {
+            self._modes[m].resolve_group(pattern, group) for m in self.router.modes_for(pattern)
+        }
+        return groups.pop() if len(groups) == 1 else None
+
     def _connected(self) -> bool:
         return self._state is TransportState.CONNECTED
 

@@ -484,6 +484,10 @@ class BalancedTransport(Transport):
         await self.inner.ping()
 
     @override
+    def resolve_group(self, pattern: str, group: str | None) -> str | None:
+        return self.inner.resolve_group(pattern, group)
+
+    @override
     def statistics(self) -> TransportStatistics:
         stats = self.inner.statistics()
         extra = dict(stats.extra or {})

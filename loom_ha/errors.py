@@ -12,7 +12,8 @@
     │   └── NoHealthyInstanceError    also LookupError
     ├── SerializationError            also ValueError; .reason says what is wrong
     ├── UnsupportedCapabilityError    also NotImplementedError
-    └── ConfigurationError            also ValueError; names the bad option
+    ├── ConfigurationError            also ValueError; names the bad option
+    └── NodeError                     also RuntimeError; a Loom node's node.error reply
 
 `TransientError` is a mixin: it is the only thing retry logic ever catches.
 """
@@ -91,3 +92,19 @@ class UnsupportedCapabilityError(LoomHAError, NotImplementedError):
 
 class ConfigurationError(LoomHAError, ValueError):
     """A URL or option is invalid; the message names the offending part."""
+
+
+class NodeError(LoomHAError, RuntimeError):
+    """A Loom node failed the request: it answered with ``node.error`` (`HALoomApp.run`).
+
+    The message is the node's own (``data["error"]``, the ``str()`` of what its handler
+    raised). `target` is the node asked, `source` the node that answered (its URI),
+    `request_id` the request's event id. Fix the node, or catch this to fall back.
+    """
+
+    def __init__(self, message: str, *, target: str, request_id: str, source: str) -> None:
+        super().__init__(message)
+        self.error = message
+        self.target = target
+        self.request_id = request_id
+        self.source = source

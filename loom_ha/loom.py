@@ -1,14 +1,30 @@
-"""Glue for loom-agent 0.3.4: make LoomApp's fire-and-forget start-up deterministic.
+"""Glue for loom-agent 0.3.4: a transport for LoomApp, deterministic start-up, a fixed `run()`.
 
 Loom nodes subscribe to their request topic from a task started in `Node.__init__`
 and nobody awaits it, so a request sent right away can reach no one. `start_nodes`
-awaits the app's start and every node's subscription before returning.
+awaits the app's start and every node's subscription before returning. `HALoomApp`
+(from `loom_ha.loom_app`, loaded on first access) is a `LoomApp` whose `run()` removes
+its reply handlers and raises a node's error. Importing this module never imports loom.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loom_ha.loom_app import HALoomApp
+
+__all__ = ["HALoomApp", "loom_transport", "start_nodes"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): HALoomApp subclasses loom's LoomApp, and loom is an optional extra.
+    if name == "HALoomApp":
+        from loom_ha.loom_app import HALoomApp
+
+        return HALoomApp
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 async def start_nodes(app: Any, *nodes: Any) -> None:

@@ -64,13 +64,13 @@ def _make_nodes(app: Any) -> list[Any]:
 async def run_demo(console: Console, *, requests: int = 300, concurrency: int = 16) -> int:
     """Send `requests` app.run calls to random nodes and print a table; returns an exit code."""
     try:
-        from loom.api.main import LoomApp
+        from loom_ha.loom import HALoomApp
     except ImportError:
         console.print("[red]loom-agent is not installed:[/] pip install 'loom-ha[loom]'")
         return 1
 
     transport = InMemoryTransport()
-    app = LoomApp(transport=transport)
+    app = HALoomApp(transport=transport)
     figures: dict[str, NodeFigures] = {}
     try:
         nodes = _make_nodes(app)

@@ -8,6 +8,7 @@ Only `TransientError`s are retried (a lost connection, an election in progress).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,16 @@ from tenacity.stop import stop_base
 from loom_ha.errors import ConfigurationError, FailoverExhaustedError, TransientError
 
 T = TypeVar("T")
+
+
+def backoff_delay(attempt: int, *, initial: float = 0.1, cap: float = 5.0) -> float:
+    """Exponential backoff with "equal jitter": between half and all of min(cap, initial*2^n).
+
+    For loops that pace themselves (watches, directory refreshes, routed re-attempts)
+    rather than retry one call through `RetryPolicy`.
+    """
+    ceiling = min(cap, initial * 2.0 ** max(0, attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 class Sleep(Protocol):

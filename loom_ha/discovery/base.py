@@ -18,8 +18,9 @@ from typing import Self, TypeVar
 
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.discovery.instance import Health, ServiceInstance, ServiceSnapshot, validate_name
-from loom_ha.discovery.watch import Watch, backoff
+from loom_ha.discovery.watch import Watch
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
+from loom_ha.retry import backoff_delay
 
 __all__ = ["Registration", "RegistryStatistics", "ServiceRegistry"]
 
@@ -167,7 +168,7 @@ class ServiceRegistry(ABC):
         self._tasks = TaskSupervisor(f"loom_ha.discovery.{self.backend}")
         self._registrations: dict[tuple[str, str], Registration] = {}
         self._last_good: dict[str, ServiceSnapshot] = {}
-        self._watches: set[object] = set()
+        self._watches: set[Watch] = set()
         self._closed = False
         self._closing = asyncio.Event()
         self._failures = self._reregistrations = self._heartbeats = 0
@@ -425,7 +426,7 @@ class ServiceRegistry(ABC):
             except RegistryError as exc:
                 # Retry sooner than the period, so one lost beat does not cost the TTL.
                 failures += 1
-                delay = backoff(
+                delay = backoff_delay(
                     failures, initial=registration.interval / 4, cap=registration.interval
                 )
                 log.warning(

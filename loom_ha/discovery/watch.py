@@ -7,25 +7,38 @@ marked stale, then retry with jittered backoff until it answers again.
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING, Self
+from collections.abc import Awaitable
+from typing import Protocol, Self, TypeVar
 
-from loom_ha.discovery.instance import ServiceSnapshot
+from loom_ha.discovery.instance import ServiceInstance, ServiceSnapshot
 from loom_ha.errors import RegistryError, RegistryUnavailableError
+from loom_ha.retry import backoff_delay
 
-if TYPE_CHECKING:
-    from loom_ha.discovery.base import ServiceRegistry
+__all__ = ["Watch", "WatchSource", "next_index"]
 
-__all__ = ["Watch", "backoff", "next_index"]
+T = TypeVar("T")
 
 # Longest pause between two attempts while the backend is unreachable.
 _BACKOFF_CAP = 2.0
 
 
-def backoff(attempt: int, *, initial: float = 0.1, cap: float = 5.0) -> float:
-    """Exponential backoff with "equal jitter": between half and all of min(cap, initial*2^n)."""
-    ceiling = min(cap, initial * 2.0 ** max(0, attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+class WatchSource(Protocol):
+    """What a `Watch` needs of its registry (`ServiceRegistry` provides it)."""
+
+    watch_wait: float
+    timeout: float
+    _watches: set[Watch]
+
+    @property
+    def closed(self) -> bool: ...
+    async def _call(self, operation: Awaitable[T], limit: float) -> T: ...
+    async def _query(
+        self, service: str, index: int, wait: float
+    ) -> tuple[int, list[ServiceInstance]]: ...
+    def _remember(
+        self, service: str, index: int, found: list[ServiceInstance]
+    ) -> ServiceSnapshot: ...
+    async def _sleep_unless_closed(self, delay: float) -> None: ...
 
 
 def next_index(previous: int, returned: int) -> int:
@@ -49,7 +62,7 @@ class Watch:
     non-transient `RegistryError` (e.g. an ACL denial) is raised to the iterating task.
     """
 
-    def __init__(self, registry: ServiceRegistry, service: str, *, passing_only: bool) -> None:
+    def __init__(self, registry: WatchSource, service: str, *, passing_only: bool) -> None:
         self.service = service
         self.passing_only = passing_only
         self.latest: ServiceSnapshot | None = None
@@ -74,7 +87,7 @@ class Watch:
                 await self.aclose()
                 raise StopAsyncIteration
             if self.failures:
-                await registry._sleep_unless_closed(backoff(self.failures, cap=_BACKOFF_CAP))
+                await registry._sleep_unless_closed(backoff_delay(self.failures, cap=_BACKOFF_CAP))
                 if self._closed or registry.closed:
                     continue
             wait = registry.watch_wait

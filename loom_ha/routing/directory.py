@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import ServiceInstance
-from loom_ha.discovery.watch import backoff
 from loom_ha.errors import RegistryError
+from loom_ha.retry import backoff_delay
 
 __all__ = ["InstanceDirectory"]
 
@@ -105,7 +105,7 @@ class InstanceDirectory:
                 await watch.aclose()
             if self.registry.closed:
                 return
-            await asyncio.sleep(backoff(failures + 1, cap=5.0))
+            await asyncio.sleep(backoff_delay(failures + 1, cap=5.0))
 
     def _update(
         self, service: str, entry: _Entry, found: tuple[ServiceInstance, ...], stale: bool

@@ -39,7 +39,6 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.balancing import Balancer, Ejector, PowerOfTwoEWMA
 from loom_ha.discovery.base import Registration, ServiceRegistry
 from loom_ha.discovery.instance import Health, ServiceInstance, validate_name
-from loom_ha.discovery.watch import backoff
 from loom_ha.errors import (
     ConfigurationError,
     RegistryError,
@@ -47,7 +46,7 @@ from loom_ha.errors import (
     TransientError,
 )
 from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import RetryPolicy, backoff_delay
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
 from loom_ha.transport import Transport, TransportState, TransportStatistics
@@ -276,7 +275,7 @@ class BalancedTransport(Transport):
         try:
             while any(t == topic for t, _ in self._served):
                 attempt += 1
-                await asyncio.sleep(backoff(attempt, cap=5.0))
+                await asyncio.sleep(backoff_delay(attempt, cap=5.0))
                 try:
                     registration = await self.registry.register(instance, ttl=self.ttl)
                 except RegistryUnavailableError:

@@ -17,8 +17,9 @@ from loom_ha.discovery import (
     open_registry,
 )
 from loom_ha.discovery.consul import ConsulRegistry, parse_consul_address, parse_heartbeat_output
-from loom_ha.discovery.watch import backoff, next_index
+from loom_ha.discovery.watch import next_index
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
+from loom_ha.retry import backoff_delay
 from loom_ha.testing.registry_conformance import eventually
 
 from .conftest import instance
@@ -37,7 +38,7 @@ def test_backoff_is_jittered_and_capped() -> None:
     """Backoff delays grow, stay within [ceiling/2, ceiling] and never pass the cap."""
     for attempt in range(1, 12):
         ceiling = min(2.0, 0.1 * 2 ** (attempt - 1))
-        delay = backoff(attempt, initial=0.1, cap=2.0)
+        delay = backoff_delay(attempt, initial=0.1, cap=2.0)
         assert ceiling / 2 <= delay <= ceiling
 
 

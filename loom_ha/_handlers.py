@@ -66,32 +66,36 @@ class DeliveryCounters:
     redelivered: int = 0
 
 
-async def invoke(handler: Handler, topic: str, event: Any, counters: DeliveryCounters) -> bool:
-    """Call `handler` with `event`, awaiting only what is awaitable.
+async def invoke(
+    handler: Handler, topic: str, event: Any, counters: DeliveryCounters
+) -> BaseException | None:
+    """Call `handler` with `event`, awaiting only what is awaitable: the one way every
+    backend calls a handler.
 
-    Returns True when the handler succeeded. Exceptions are logged and counted,
-    never raised. `CancelledError` propagates when the calling task is being
-    cancelled; one the handler raised on its own (it awaited something that was
-    cancelled) is a handler error like any other, so it cannot end a delivery loop.
+    Returns None when the handler succeeded, else what it raised (a dead letter says
+    why). Exceptions are logged and counted, never raised. `CancelledError` propagates
+    when the calling task is being cancelled, also when the handler swallowed it; one the
+    handler raised on its own (it awaited something that was cancelled) is a handler
+    error like any other, so it cannot end a delivery loop.
     """
     try:
         result = handler(event)
         # Most handlers are coroutine functions: skip isawaitable()'s ABC checks for them.
         if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
             await result
-    except Exception:
+    except Exception as exc:
         _handler_failed(handler, topic, event, counters)
         raise_swallowed_cancellation()
-        return False
-    except asyncio.CancelledError:
+        return exc
+    except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise
         _handler_failed(handler, topic, event, counters)
-        return False
+        return exc
     raise_swallowed_cancellation()
     counters.delivered += 1
-    return True
+    return None
 
 
 def raise_swallowed_cancellation() -> None:

@@ -13,7 +13,6 @@ the pulls: status messages, "running low", reconnects and silence.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 from collections import OrderedDict
@@ -23,8 +22,9 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from loom_ha._handlers import Handler, SubscriptionKey, invoke
+from loom_ha._handlers import SubscriptionKey, invoke
 from loom_ha.errors import LoomHAError, SerializationError, TransportError
+from loom_ha.event import idempotency_key
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.retry import RetryPolicy
 from loom_ha.transport import TransportState
@@ -38,28 +38,6 @@ _WAKE = object()  # queued on reconnect: pull requests died with the old connect
 _REFILL = object()  # queued when the outstanding pulls run low
 _HEARTBEAT = "100"
 _FOREVER = RetryPolicy(wait_initial=0.1, wait_max=2.0, wait_jitter=0.2)
-
-
-class _Recording:
-    """Wraps a handler to keep its exception text for the dead letter."""
-
-    __slots__ = ("error", "handler")
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.error = ""
-
-    async def __call__(self, event: Any) -> None:
-        try:
-            result = self.handler(event)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            raise
-
-    def __repr__(self) -> str:
-        return repr(self.handler)
 
 
 class PullConsumer:
@@ -283,7 +261,7 @@ class PullConsumer:
             # A group member without handlers (unsubscribing): let another member take it.
             await _settle(msg.nak() if key.group is not None else msg.ack())
             return
-        ident = f"{event.source}\0{event.id}"
+        ident = idempotency_key(event)
         done = self._done.get(ident)
         if done is None:
             done = self._remember(ident)
@@ -297,11 +275,11 @@ class PullConsumer:
             return
         failures = []
         for handler in todo:
-            recording = _Recording(handler)
-            if await invoke(recording, topic, event, counters):
+            error = await invoke(handler, topic, event, counters)
+            if error is None:
                 done.add(id(handler))
             else:
-                failures.append(recording.error)
+                failures.append(f"{type(error).__name__}: {error}")
         if not failures:
             await _settle(msg.ack())
         elif owner.consumer_options.policy.exhausted(deliveries):

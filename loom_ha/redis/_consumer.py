@@ -12,12 +12,11 @@ empty) is recreated from the stream's start and reported.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from loom_ha._handlers import Handler, SubscriptionKey, raise_swallowed_cancellation
+from loom_ha._handlers import Handler, SubscriptionKey, invoke
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.redis._errors import group_gone
@@ -29,30 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("loom_ha.redis.streams")
 
 MAX_SEQUENCE = 2**64 - 1
-
-
-async def attempt(
-    handler: Handler, topic: str, event: Any, transport: RedisStreamsTransport
-) -> Exception | None:
-    """Call `handler` once; the exception it raised (logged and counted), or None.
-
-    Like `loom_ha._handlers.invoke`, but the exception is returned: a dead letter says why.
-    """
-    counters = transport.local.counters
-    try:
-        result = handler(event)
-        if inspect.isawaitable(result):
-            await result
-    except Exception as exc:
-        counters.handler_errors += 1
-        log.exception(
-            "handler %r failed on topic %r, event id %r", handler, topic, getattr(event, "id", None)
-        )
-        raise_swallowed_cancellation()
-        return exc
-    raise_swallowed_cancellation()
-    counters.delivered += 1
-    return None
 
 
 def _text(value: Any) -> str:
@@ -248,9 +223,9 @@ class StreamConsumer:
             )
             self._ack(stream, entry_id)
             return
-        failed: list[tuple[Handler, Exception]] = []
+        failed: list[tuple[Handler, BaseException]] = []
         for handler in t.local.table.recipients(self.key, topic):
-            error = await attempt(handler, topic, event, t)
+            error = await invoke(handler, topic, event, t.local.counters)
             if error is not None:
                 failed.append((handler, error))
         if not failed:
@@ -271,7 +246,7 @@ class StreamConsumer:
         topic: str,
         event: Any,
         raw: bytes,
-        failed: list[tuple[Handler, Exception]],
+        failed: list[tuple[Handler, BaseException]],
         deliveries: int,
         origin: str,
     ) -> None:
@@ -298,7 +273,7 @@ class StreamConsumer:
                     if self.group is not None and not await self._claim(stream, entry_id, count):
                         return  # acknowledged or taken over meanwhile: not ours anymore
                     t.local.counters.redelivered += 1
-                    retry_error = await attempt(handler, topic, event, t)
+                    retry_error = await invoke(handler, topic, event, t.local.counters)
                     if retry_error is None:
                         break
                     error = retry_error

@@ -52,14 +52,16 @@ def test_remove_reports_emptied_keys_and_ignores_unknowns() -> None:
 
 
 async def test_invoke_isolates_errors_and_awaits_only_awaitables() -> None:
-    """invoke() counts a failure instead of raising, and calls sync handlers without awaiting."""
+    """invoke() returns a failure (for the dead letter) instead of raising, and calls sync
+    handlers without awaiting."""
     counters = DeliveryCounters()
 
     def broken(event: Any) -> None:
         raise ValueError("boom")
 
-    assert not await invoke(broken, "t", object(), counters)
-    assert await invoke(h1, "t", object(), counters)
+    error = await invoke(broken, "t", object(), counters)
+    assert isinstance(error, ValueError) and str(error) == "boom"
+    assert await invoke(h1, "t", object(), counters) is None
     assert (counters.handler_errors, counters.delivered) == (1, 1)
 
 

@@ -14,16 +14,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from loom_ha._delivery import LocalDelivery
 from loom_ha._handlers import Handler, SubscriptionKey, invoke
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
+from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis._errors import group_gone
-from loom_ha.redis.connection import checkpoint
+from loom_ha.redis.connection import RedisConnector, checkpoint
+from loom_ha.retry import RetryPolicy
 
-if TYPE_CHECKING:
-    from loom_ha.redis.streams import RedisStreamsTransport
+
+class StreamsOwner(Protocol):
+    """What a `StreamConsumer` needs of its transport (`StreamsOwner` provides it).
+
+    Read settings, counters it updates, and the transport's codec, dead-letter place and
+    connector: the consumer never imports its transport (no module cycle).
+    """
+
+    @property
+    def backend(self) -> str: ...
+
+    local: LocalDelivery
+    policy: DeliveryPolicy
+    publish_policy: RetryPolicy
+    block: float
+    batch: int
+    discovery_interval: float
+    claim_interval: float
+    claim_idle: float
+    consumer_name: str
+    groups_recreated: int
+    trimmed: int
+
+    @property
+    def connector(self) -> RedisConnector: ...
+    def stream_key(self, topic: str) -> bytes: ...
+    def topic_of(self, stream: bytes) -> str: ...
+    async def known_streams(self, *, fresh: bool = False) -> list[bytes]: ...
+    def decode(self, raw: bytes | None, topic: str, origin: str) -> Any | None: ...
+    async def dead_letter(self, letter: DeadLetter) -> None: ...
+
 
 log = logging.getLogger("loom_ha.redis.streams")
 
@@ -37,7 +69,7 @@ def _text(value: Any) -> str:
 class StreamConsumer:
     """Reads the streams of one subscription key and delivers them to its handlers."""
 
-    def __init__(self, transport: RedisStreamsTransport, key: SubscriptionKey) -> None:
+    def __init__(self, transport: StreamsOwner, key: SubscriptionKey) -> None:
         self.t = transport
         self.key = key
         self.group = key.group

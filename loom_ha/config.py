@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from loom_ha.errors import ConfigurationError
-from loom_ha.ha.dedup import DedupWindow, MemoryDedup, RedisDedup
+from loom_ha.ha.dedup import DedupWindow, MemoryDedup
 from loom_ha.ha.failover import HATransport
 from loom_ha.ha.outbox import OutboxConfig, OutboxPolicy
 from loom_ha.memory import InMemoryTransport
@@ -199,6 +199,8 @@ def _dedup(opts: TransportOptions, url: str, scheme: str) -> DedupWindow | bool:
     redis_url = opts.dedup_url or (url.split("?")[0] if scheme in ("redis", "rediss") else None)
     if redis_url is None:
         raise ConfigurationError("dedup=redis needs dedup_url=redis://... for this transport")
+    from loom_ha.redis import RedisDedup
+
     return RedisDedup(redis_url, ttl=opts.dedup_ttl)
 
 

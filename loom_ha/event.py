@@ -43,7 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loom_ha.errors import SerializationError
 
-__all__ = ["DEFAULT_MAX_SIZE", "CloudEvent", "CloudEventLike", "EventCodec", "loom_event_class"]
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "CloudEvent",
+    "CloudEventLike",
+    "EventCodec",
+    "idempotency_key",
+    "loom_event_class",
+]
 
 DEFAULT_MAX_SIZE = 1 << 20
 
@@ -104,6 +111,15 @@ class CloudEventLike(Protocol):
     def traceparent(self) -> str | None: ...
     @property
     def extensions(self) -> dict[str, Any]: ...
+
+
+def idempotency_key(event: CloudEventLike) -> str:
+    """The CloudEvents idempotency key, ``source`` and ``id`` together: the one dedup key format.
+
+    Every dedup window (`loom_ha.ha.dedup`) and every backend that skips redeliveries
+    keys an event by it, so two events are the same event exactly when their keys match.
+    """
+    return f"{event.source}\x1f{event.id}"
 
 
 def loom_event_class() -> type[BaseModel]:

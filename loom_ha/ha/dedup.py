@@ -1,35 +1,28 @@
 """Dedup windows: a handler sees an event once, even after a replay or a redelivery.
 
-The key is the CloudEvent idempotency key, ``source`` + ``id``. An event is
-*claimed* before its handler runs, *completed* when it succeeded (remembered for
-`ttl`) and *released* if it failed, so a redelivery of a failed event is handled
-again while a copy of a handled one is dropped. `MemoryDedup` serves one process;
-`RedisDedup` shares the window between every instance of a service, and holds a
-claim only for a short, renewed *lease* while the handler runs: if the instance
-dies mid-handler, the lease lapses and a redelivery (or a retry on another
-instance) is handled instead of being dropped forever.
+The key is the CloudEvent idempotency key, ``source`` + ``id`` (`idempotency_key`). An
+event is *claimed* before its handler runs, *completed* when it succeeded (remembered for
+`ttl`) and *released* if it failed, so a redelivery of a failed event is handled again
+while a copy of a handled one is dropped. `MemoryDedup` serves one process; the windows
+shared between every instance of a service sit with their broker and follow its
+failovers: `loom_ha.redis.RedisDedup` and `loom_ha.nats.NatsDedup`. They hold a claim
+only for a short, renewed *lease* while the handler runs: if the instance dies
+mid-handler, the lease lapses and a redelivery (or a retry on another instance) is
+handled instead of being dropped forever.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import ConfigurationError
+from loom_ha.event import idempotency_key
 
-log = logging.getLogger("loom_ha.ha.dedup")
-
-
-def idempotency_key(event: Any) -> str:
-    """CloudEvents' idempotency key: source and id together."""
-    return f"{event.source}\x1f{event.id}"
+__all__ = ["DedupHandler", "DedupWindow", "MemoryDedup", "idempotency_key"]
 
 
 class DedupWindow(Protocol):
@@ -135,77 +128,3 @@ class DedupHandler:
 
     def __repr__(self) -> str:
         return f"dedup({self.handler!r})"
-
-
-class RedisDedup:
-    """A window shared through Redis.
-
-    ``SET key NX PX lease`` claims; while the handler runs one task per window renews
-    every held lease every ``lease / 3`` seconds (lease: 10 s, or the ttl if shorter);
-    `complete` extends the key to `ttl`; `release` deletes it. A claim of a process
-    that died lapses after `lease` seconds.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        ttl: float = 600.0,
-        lease: float | None = None,
-        prefix: str = "loom:dedup:",
-    ) -> None:
-        lease = min(10.0, ttl) if lease is None else lease
-        if ttl <= 0 or lease <= 0 or lease > ttl:
-            raise ConfigurationError(
-                f"dedup needs ttl > 0 and 0 < lease <= ttl, got ttl={ttl}, lease={lease}"
-            )
-        try:
-            from redis.asyncio import Redis
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError("RedisDedup needs: pip install 'loom-ha[redis]'") from exc
-        self.ttl = ttl
-        self.lease = lease
-        self.prefix = prefix
-        self._redis = Redis.from_url(url)
-        self._held: set[str] = set()
-        self._tasks = TaskSupervisor("redis-dedup")
-        self._renewer: asyncio.Task[None] | None = None
-
-    async def claim(self, key: str) -> bool:
-        claimed = await self._redis.set(self.prefix + key, b"1", nx=True, px=int(self.lease * 1000))
-        if not claimed:
-            return False
-        self._held.add(key)
-        if self._renewer is None or self._renewer.done():
-            self._renewer = self._tasks.spawn(self._renew_leases(), name="renew-leases")
-        return True
-
-    async def complete(self, key: str) -> None:
-        self._held.discard(key)
-        await self._redis.pexpire(self.prefix + key, int(self.ttl * 1000))
-
-    async def release(self, key: str) -> None:
-        self._held.discard(key)
-        await self._redis.delete(self.prefix + key)
-
-    async def _renew_leases(self) -> None:
-        """Keep the leases of running handlers alive (one pipeline per round)."""
-        lease_ms = int(self.lease * 1000)
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key in held:
-                        # GT: never shorten a key `complete` just extended to the ttl.
-                        pipe.pexpire(self.prefix + key, lease_ms, gt=True)
-                    await pipe.execute()
-            except Exception as exc:  # Redis away: the next round tries again
-                log.warning("could not renew %d dedup leases: %s", len(held), exc)
-
-    async def close(self) -> None:
-        await self._tasks.aclose()
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()

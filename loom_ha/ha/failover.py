@@ -75,7 +75,8 @@ class HATransport(Transport):
         retry: how recovery retries; the default never gives up.
         outbox: the outbox settings (policy, size, block timeout).
         dedup: the dedup window; ``None`` turns deduplication off. The default is an
-            in-process window; pass `RedisDedup` to share it across instances.
+            in-process window; pass `loom_ha.redis.RedisDedup` (or `loom_ha.nats.NatsDedup`)
+            to share it across instances.
         instance_id: scopes fan-out dedup keys to this process (groups share theirs).
         health_interval: seconds between checks of the inner transport's state.
     """

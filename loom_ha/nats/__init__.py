@@ -12,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from loom_ha.nats.connection import ConnectionOptions, NatsOptions, StateListener
 from loom_ha.nats.core import NatsCoreTransport, NatsTransport
+from loom_ha.nats.dedup import NatsDedup
 from loom_ha.nats.jetstream import ConsumerOptions, JetStreamTransport, StreamOptions
 from loom_ha.nats.subjects import SubjectCodec
 
@@ -20,6 +21,7 @@ __all__ = [
     "ConsumerOptions",
     "JetStreamTransport",
     "NatsCoreTransport",
+    "NatsDedup",
     "NatsOptions",
     "NatsTransport",
     "StateListener",

@@ -44,7 +44,7 @@ from loom_ha.nats.connection import ConnectionOptions, NatsConnection, NatsOptio
 
 __all__ = ["NatsDedup"]
 
-log = logging.getLogger("loom_ha.ha.dedup")
+log = logging.getLogger("loom_ha.nats.dedup")
 
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 _DONE = b"done"

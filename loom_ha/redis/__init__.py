@@ -13,6 +13,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from loom_ha.redis._errors import map_redis_errors
+from loom_ha.redis.dedup import RedisDedup
 from loom_ha.redis.pubsub import RedisPubSubTransport
 from loom_ha.redis.streams import RedisStreamsTransport
 from loom_ha.redis.topic_modes import Mode, ModeRouter
@@ -22,6 +23,7 @@ from loom_ha.redis.url import RedisSettings, parse_redis_url
 __all__ = [
     "Mode",
     "ModeRouter",
+    "RedisDedup",
     "RedisPubSubTransport",
     "RedisSettings",
     "RedisStreamsTransport",

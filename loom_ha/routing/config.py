@@ -26,7 +26,7 @@ from loom_ha.balancing import (
     WeightedRandom,
 )
 from loom_ha.errors import ConfigurationError
-from loom_ha.ha.dedup import DedupWindow, RedisDedup
+from loom_ha.ha.dedup import DedupWindow
 from loom_ha.routing.transport import DEFAULT_ATTEMPT_TIMEOUT, BalancedTransport
 from loom_ha.transport import Transport
 
@@ -80,9 +80,11 @@ def _shared_dedup(
             return True
         url = transport_url.split("?", 1)[0]
     if url.split("://", 1)[0].lower() in ("nats", "tls"):
-        from loom_ha.ha.nats_dedup import NatsDedup
+        from loom_ha.nats import NatsDedup
 
         return NatsDedup(url.split(","), ttl=600.0, lease=lease)
+    from loom_ha.redis import RedisDedup
+
     return RedisDedup(url, lease=lease)
 
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from loom_ha.ha import HATransport, RedisDedup
-from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.ha import HATransport
+from loom_ha.redis import RedisDedup, RedisPubSubTransport, RedisStreamsTransport
 from loom_ha.testing.collect import Collector, assert_all_received, collectors
 from loom_ha.testing.conformance import make_event, publish_numbered
 from loom_ha.testing.servers import RedisServer

@@ -30,3 +30,12 @@ async def while_frozen(server: RedisServer, call: Awaitable[Any], seconds: float
             server.resume()
     finally:
         server.resume()
+
+
+async def eventually_async(
+    condition: Callable[[], Awaitable[object]], within: float = 10.0
+) -> None:
+    """`eventually` for a condition that asks a server (awaitable)."""
+    async with asyncio.timeout(within):
+        while not await condition():  # noqa: ASYNC110 - polling the server is the point
+            await asyncio.sleep(0.02)

@@ -23,9 +23,9 @@ from loom_ha.balancing import (
 )
 from loom_ha.discovery import MemoryRegistry, MemoryStore
 from loom_ha.event import CloudEvent
-from loom_ha.ha.dedup import DedupWindow, RedisDedup
+from loom_ha.ha.dedup import DedupWindow
 from loom_ha.nats import NatsCoreTransport
-from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.redis import RedisDedup, RedisPubSubTransport, RedisStreamsTransport
 from loom_ha.retry import RetryPolicy
 from loom_ha.routing import BalancedTransport
 from loom_ha.testing.servers import NatsServer, RedisServer

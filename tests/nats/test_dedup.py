@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from loom_ha.errors import ConfigurationError, TransportClosedError
-from loom_ha.ha.nats_dedup import NatsDedup
+from loom_ha.nats import NatsDedup
 
 pytestmark = pytest.mark.nats
 
@@ -128,7 +128,7 @@ async def test_a_taken_over_lease_is_not_released_by_its_old_owner(
         (name,) = await kv.keys()
         # What another instance writes when it takes a lapsed lease over.
         await kv.put(name, b"run:%.6f:someone-else" % (time.time() + 3600))
-        with caplog.at_level(logging.WARNING, logger="loom_ha.ha.dedup"):
+        with caplog.at_level(logging.WARNING, logger="loom_ha.nats.dedup"):
             await _eventually(lambda: _logged(caplog, "taken over"))
         await owner.release("k")
         assert (await kv.get(name)).value.startswith(b"run:")  # type: ignore[union-attr]

@@ -191,15 +191,23 @@ class NatsDedup:
                     return
 
     async def close(self) -> None:
-        """Stop renewing and close the connection; idempotent. Held leases lapse."""
-        self._closed = True
+        """Stop renewing and close the connection; idempotent. Held leases lapse.
+
+        The window stays usable: its next use connects again (an `HATransport` closes
+        its window on `disconnect()` and may be connected again).
+        """
+        self._closed = True  # a connect under way gives its connection up
         try:
             await self._tasks.aclose()
         finally:  # even if cancelled meanwhile: never leave the connection behind
             self._held.clear()
             conn, self._conn, self._kv = self._conn, None, None
-            if conn is not None:
-                await conn.close()
+            try:
+                if conn is not None:
+                    await conn.close()
+            finally:
+                self._closed = False
+                self._tasks.reopen()
 
     # -- leases --------------------------------------------------------------------------
 

@@ -154,15 +154,23 @@ class RedisDedup:
             self._connector = connector
 
     async def close(self) -> None:
-        """Stop renewing and close every connection; idempotent. Held leases lapse."""
-        self._closed = True
+        """Stop renewing and close every connection; idempotent. Held leases lapse.
+
+        The window stays usable: its next use connects again (an `HATransport` closes
+        its window on `disconnect()` and may be connected again).
+        """
+        self._closed = True  # a start() under way gives its connection up
         try:
             await self._tasks.aclose()
         finally:  # even if cancelled meanwhile: never leave the connection behind
             self._held.clear()
             connector, self._connector = self._connector, None
-            if connector is not None:
-                await connector.close()
+            try:
+                if connector is not None:
+                    await connector.close()
+            finally:
+                self._closed = False
+                self._tasks.reopen()
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -9,7 +9,13 @@ import pytest
 
 from loom_ha.ha import HATransport
 from loom_ha.redis import RedisDedup, RedisPubSubTransport, RedisStreamsTransport
-from loom_ha.testing.collect import Collector, assert_all_received, collectors
+from loom_ha.testing.collect import (
+    Collector,
+    assert_all_received,
+    collectors,
+    publish_markers,
+    without_markers,
+)
 from loom_ha.testing.conformance import make_event, publish_numbered
 from loom_ha.testing.servers import RedisServer
 from loom_ha.transport import Transport
@@ -60,3 +66,22 @@ async def test_a_shared_window_merges_competing_deliveries(redis_server: RedisSe
             lambda: len(set(first.ids) | set(second.ids)) >= 20, what=lambda: "requests"
         )
     assert_all_received(sent, first.ids + second.ids)
+
+
+async def test_a_shared_window_survives_disconnect_and_connect(redis_server: RedisServer) -> None:
+    """disconnect() releases the window's connections; connect() again and grouped deliveries
+    are deduplicated through it as before (it used to be closed for good)."""
+    tag = uuid.uuid4().hex[:10]
+    url = redis_server.url
+    ha = HATransport(RedisStreamsTransport(url), dedup=RedisDedup(url, prefix=tag))
+    topic = f"node.request/node/{tag}"
+    for _ in range(2):
+        got = Collector()
+        async with ha:
+            await ha.subscribe(topic, got)
+            event = make_event()
+            await ha.publish(topic, event)
+            await got.wait_for(1)
+            await ha.publish(topic, event)  # the same id again: a duplicate
+            markers = await publish_markers(ha, topic, got)
+        assert without_markers(got.ids, markers) == [event.id]

@@ -12,7 +12,7 @@ from typing import Any
 import nats
 import pytest
 
-from loom_ha.errors import ConfigurationError, TransportClosedError
+from loom_ha.errors import ConfigurationError
 from loom_ha.nats import NatsDedup
 
 pytestmark = pytest.mark.nats
@@ -97,8 +97,7 @@ async def test_the_claim_of_a_dead_owner_lapses(windows: Windows) -> None:
     # never returns early; the time passing is the test.
     await asyncio.sleep(LEASE + 0.1)
     assert await other.claim("orphan")  # taken over
-    with pytest.raises(TransportClosedError):
-        await owner.claim("another")
+    assert await owner.claim("another")  # a closed window connects again when used
 
 
 async def test_exactly_one_of_many_takes_a_lapsed_lease_over(windows: Windows) -> None:

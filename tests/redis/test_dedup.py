@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from loom_ha.errors import ConfigurationError, TransportClosedError
+from loom_ha.errors import ConfigurationError
 from loom_ha.redis import RedisDedup
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisSentinelCluster, RedisServer
@@ -115,9 +115,12 @@ async def test_close_leaves_no_task_or_client_behind(server_launcher: ServerLaun
         assert asyncio.all_tasks() - tasks_before == set()
         # The server notices a closed socket a moment later.
         await eventually_async(no_clients)
+        # Closed is not dead: the next use connects again (HATransport.disconnect/connect).
         for closed in (unused, window):
-            with pytest.raises(TransportClosedError):
-                await closed.claim("b")
+            assert await closed.claim(f"again-{uuid.uuid4().hex}")
+            await closed.close()
+        assert asyncio.all_tasks() - tasks_before == set()
+        await eventually_async(no_clients)
     finally:
         await raw.aclose()
 

@@ -185,7 +185,7 @@ def _nats(url: str, opts: TransportOptions, rest: list[tuple[str, str]], event_c
         common["publish_timeout"] = HA_INNER_PUBLISH_TIMEOUT
     policy = _policy(opts)
     if policy is not None:
-        from loom_ha.nats.jetstream import ConsumerOptions
+        from loom_ha.nats.options import ConsumerOptions
 
         common["consumer"] = ConsumerOptions(policy=policy)
     return JetStreamTransport(servers, **common)

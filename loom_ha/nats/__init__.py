@@ -13,7 +13,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from loom_ha.nats.connection import ConnectionOptions, NatsOptions, StateListener
 from loom_ha.nats.core import NatsCoreTransport, NatsTransport
 from loom_ha.nats.dedup import NatsDedup
-from loom_ha.nats.jetstream import ConsumerOptions, JetStreamTransport, StreamOptions
+from loom_ha.nats.jetstream import JetStreamTransport
+from loom_ha.nats.options import ConsumerOptions, StreamOptions
 from loom_ha.nats.subjects import SubjectCodec
 
 __all__ = [

@@ -16,21 +16,59 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig
+from nats.js.client import JetStreamContext
 
-from loom_ha._handlers import SubscriptionKey, invoke
+from loom_ha._handlers import DeliveryCounters, HandlerTable, SubscriptionKey, invoke
+from loom_ha._state import StateListener
+from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import LoomHAError, SerializationError, TransportError
-from loom_ha.event import idempotency_key
+from loom_ha.event import EventCodec, idempotency_key
 from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats.connection import NatsConnection
+from loom_ha.nats.options import ConsumerOptions, StreamOptions
+from loom_ha.nats.subjects import SubjectCodec
 from loom_ha.retry import RetryPolicy
 from loom_ha.transport import TransportState
 
-if TYPE_CHECKING:
-    from loom_ha.nats.jetstream import JetStreamTransport
+
+class PullOwner(Protocol):
+    """What a `PullConsumer` needs of its transport (`PullOwner` provides it):
+    the connection and JetStream context, the stream, options, codec, handler table and
+    counters, and the dead-letter place; the consumer never imports its transport."""
+
+    codec: EventCodec[Any]
+    subjects: SubjectCodec
+    stream: StreamOptions
+    consumer_options: ConsumerOptions
+
+    @property
+    def backend_name(self) -> str: ...
+    @property
+    def connection(self) -> NatsConnection: ...
+    @property
+    def js(self) -> JetStreamContext: ...
+    @property
+    def tasks(self) -> TaskSupervisor: ...
+    @property
+    def table(self) -> HandlerTable: ...
+    @property
+    def counters(self) -> DeliveryCounters: ...
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]: ...
+    def topic_of(self, subject: str) -> str: ...
+    def consumer_config(
+        self, key: SubscriptionKey, name: str, start: int | None
+    ) -> ConsumerConfig: ...
+    async def dead_letter(
+        self, reason: str, topic: str, origin: str, attempts: int, raw: bytes, msg_id: str
+    ) -> bool: ...
+
 
 log = logging.getLogger("loom_ha.nats.jetstream")
 
@@ -41,9 +79,9 @@ _FOREVER = RetryPolicy(wait_initial=0.1, wait_max=2.0, wait_jitter=0.2)
 
 
 class PullConsumer:
-    """The broker side of one subscription key of a `JetStreamTransport`."""
+    """The broker side of one subscription key of a `PullOwner`."""
 
-    def __init__(self, owner: JetStreamTransport, key: SubscriptionKey, name: str) -> None:
+    def __init__(self, owner: PullOwner, key: SubscriptionKey, name: str) -> None:
         self.owner = owner
         self.key = key
         self.name = name

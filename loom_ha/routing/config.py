@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 from loom_ha.balancing import (
     Balancer,
@@ -28,6 +27,7 @@ from loom_ha.balancing import (
 from loom_ha.errors import ConfigurationError
 from loom_ha.ha.dedup import DedupWindow
 from loom_ha.routing.transport import DEFAULT_ATTEMPT_TIMEOUT, BalancedTransport
+from loom_ha.spec import parse_transport_url
 from loom_ha.transport import Transport
 
 __all__ = ["BALANCERS", "balanced_from_env", "balancer_named"]
@@ -74,11 +74,14 @@ def _shared_dedup(
     lease = min(3.0, attempt_timeout / 2)
     url = env.get("LOOM_HA_DEDUP_URL", "").strip()
     if not url:
-        scheme = transport_url.split("://", 1)[0].lower()
-        mode = dict(parse_qsl(urlsplit(transport_url.split(",")[-1]).query)).get("mode", "")
-        if mode in ("pubsub", "core") or scheme not in ("redis", "rediss", "nats", "tls"):
+        spec = parse_transport_url(transport_url) if transport_url else None
+        if (
+            spec is None
+            or not spec.durable
+            or spec.scheme not in ("redis", "rediss", "nats", "tls")
+        ):
             return True
-        url = transport_url.split("?", 1)[0]
+        url = spec.address
     if url.split("://", 1)[0].lower() in ("nats", "tls"):
         from loom_ha.nats import NatsDedup
 

@@ -10,6 +10,7 @@ from loom_ha.ha import HATransport, OutboxPolicy
 from loom_ha.memory import InMemoryTransport
 from loom_ha.nats import JetStreamTransport, NatsCoreTransport
 from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.spec import parse_transport_url
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,41 @@ def test_environment_follows_loom_variables() -> None:
     assert isinstance(nats.inner, JetStreamTransport)  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="LOOM_TRANSPORT"):
         transport_from_env({"LOOM_TRANSPORT": "kafka"})
+
+
+@pytest.mark.parametrize(
+    ("url", "broker", "mode", "address", "servers", "backend_options"),
+    [
+        ("memory://", "memory", "memory", "memory://", (), ()),
+        (
+            "redis://h:1/0?db=2&outbox=fail_fast",
+            "redis",
+            "streams",
+            "redis://h:1/0",
+            (),
+            (("db", "2"),),
+        ),
+        ("rediss://h:1?mode=pubsub", "redis", "pubsub", "rediss://h:1", (), ()),
+        (
+            "nats://a:1,b:2?mode=core",
+            "nats",
+            "core",
+            "nats://a:1,b:2",
+            ("nats://a:1", "nats://b:2"),
+            (),
+        ),
+    ],
+)
+def test_a_url_is_parsed_once_into_a_spec(
+    url: str,
+    broker: str,
+    mode: str,
+    address: str,
+    servers: tuple[str, ...],
+    backend_options: tuple[tuple[str, str], ...],
+) -> None:
+    """Config, dedup and routing all read the same typed spec of the URL."""
+    spec = parse_transport_url(url)
+    assert (spec.broker, spec.mode, spec.address) == (broker, mode, address)
+    assert (spec.servers, spec.backend_options) == (servers, backend_options)
+    assert spec.durable is (mode in ("streams", "jetstream"))

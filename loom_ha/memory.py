@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
 from loom_ha._handlers import Handler
+from loom_ha.errors import TransportClosedError
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Capabilities,
@@ -54,6 +55,8 @@ class InMemoryTransport(Transport):
     async def connect(self) -> None:
         if self._state is TransportState.CONNECTED:
             return
+        if self._state is TransportState.CLOSED:
+            raise TransportClosedError("memory transport is closed")
         self._local.reopen()
         self._state = TransportState.CONNECTED
 
@@ -63,10 +66,17 @@ class InMemoryTransport(Transport):
 
     @override
     async def disconnect(self) -> None:
-        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
         self._state = TransportState.DISCONNECTED
         await self._local.close()
+
+    @override
+    async def close(self) -> None:
+        try:
+            await self.disconnect()
+        finally:
+            self._state = TransportState.CLOSED
 
     @override
     async def publish(self, topic: str, event: Any) -> None:

@@ -123,7 +123,10 @@ class Transport(ABC):
 
     @abstractmethod
     async def disconnect(self) -> None:
-        """Stop every listener, drop every subscription and close every socket."""
+        """Stop every listener, drop every subscription and close every socket.
+
+        Idempotent, safe at any moment, and the transport may be connected again.
+        """
 
     @abstractmethod
     async def publish(self, topic: str, event: Any) -> None:
@@ -186,7 +189,11 @@ class Transport(ABC):
         return group if self.capabilities.competing_consumers else None
 
     async def close(self) -> None:
-        """Alias of `disconnect()`: LoomApp never disconnects, so owners close."""
+        """`disconnect()` for good: the state becomes CLOSED and a later `connect()` raises
+        `TransportClosedError`. Idempotent, safe at any moment (before or during `connect()`
+        too). LoomApp never disconnects, so owners close. Backends override it to record
+        the CLOSED state; this default only disconnects.
+        """
         await self.disconnect()
 
     async def __aenter__(self) -> Self:

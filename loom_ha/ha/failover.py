@@ -225,7 +225,7 @@ class HATransport(Transport):
     @override
     async def disconnect(self) -> None:
         """Stop recovery and the inner transport; waiting publishers get an error."""
-        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
         self._set_state(TransportState.DISCONNECTED)
         await self._shutdown()

@@ -95,6 +95,7 @@ class NatsTransportBase(Transport):
         self._local = LocalDelivery(f"loom_ha.{self.backend_name}", group_rule)
         self._counters = self._local.counters
         self._lock = asyncio.Lock()
+        self._closed = False  # close() was called: connect() refuses for good
         self._patterns = PatternLocks()
         self._forget_native()
 
@@ -115,6 +116,8 @@ class NatsTransportBase(Transport):
             state = self._conn.state
             if state in (TransportState.CONNECTED, TransportState.RECONNECTING):
                 return
+            if self._closed:
+                raise TransportClosedError(f"{self.backend_name} transport is closed")
             if state is TransportState.CLOSED:
                 raise TransportClosedError(
                     f"{self.backend_name}: gave up reconnecting; create a new transport"
@@ -133,9 +136,19 @@ class NatsTransportBase(Transport):
 
         Idempotent; finishes (and leaves no task or socket) even when cancelled.
         """
-        if self._conn.state in (TransportState.NEW, TransportState.DISCONNECTED):
+        if self._conn.state in (TransportState.NEW, TransportState.DISCONNECTED) or self._closed:
             return
         await self._shutdown()
+
+    @override
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            await self.disconnect()
+        finally:
+            self._closed = True
+            self._conn.mark(TransportState.CLOSED)
 
     async def _shutdown(self) -> None:
         cancelled = False

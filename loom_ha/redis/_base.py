@@ -18,6 +18,7 @@ from loom_ha.errors import (
     FailoverExhaustedError,
     LoomHAError,
     SerializationError,
+    TransportClosedError,
 )
 from loom_ha.event import DEFAULT_MAX_SIZE, CloudEvent, EventCodec
 from loom_ha.redis.connection import RedisConnector
@@ -130,6 +131,8 @@ class RedisTransportBase(Transport):
         async with self._state_lock:
             if self._connected():  # another task connected while we waited
                 return
+            if self._state is TransportState.CLOSED:
+                raise TransportClosedError(f"{self.backend} transport is closed")
             self._state = TransportState.CONNECTING
             try:
                 await start_modes([self])  # a single mode owns the connector it runs on
@@ -146,6 +149,13 @@ class RedisTransportBase(Transport):
         finally:
             if connector is not None:
                 await connector.close()
+
+    @override
+    async def close(self) -> None:
+        try:
+            await self.disconnect()
+        finally:
+            self._state = TransportState.CLOSED
 
     # -- running on a connector (RedisTransport shares one between its modes) ---------------------
 
@@ -180,7 +190,7 @@ class RedisTransportBase(Transport):
 
         Finishes even when cancelled (the cancellation is re-raised afterwards).
         """
-        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
         self._state = TransportState.DISCONNECTED
         try:

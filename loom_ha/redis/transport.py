@@ -22,7 +22,7 @@ from typing import Any
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
-from loom_ha.errors import LoomHAError, UnsupportedCapabilityError
+from loom_ha.errors import LoomHAError, TransportClosedError, UnsupportedCapabilityError
 from loom_ha.redis._base import Encoded, RedisTransportBase, detach_modes, start_modes
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.pubsub import RedisPubSubTransport
@@ -134,6 +134,8 @@ class RedisTransport(Transport):
         async with self._state_lock:
             if self._connected():  # another task connected while we waited
                 return
+            if self._state is TransportState.CLOSED:
+                raise TransportClosedError(f"{self.backend} transport is closed")
             self._state = TransportState.CONNECTING
             try:
                 self._connector = await start_modes(self._used)
@@ -145,7 +147,7 @@ class RedisTransport(Transport):
     @override
     async def disconnect(self) -> None:
         """Stop both modes and close every socket; finishes even when cancelled."""
-        if self._state in (TransportState.NEW, TransportState.DISCONNECTED):
+        if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
         self._state = TransportState.DISCONNECTED
         connector, self._connector = self._connector, None
@@ -154,6 +156,13 @@ class RedisTransport(Transport):
         finally:
             if connector is not None:
                 await connector.close()
+
+    @override
+    async def close(self) -> None:
+        try:
+            await self.disconnect()
+        finally:
+            self._state = TransportState.CLOSED
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:

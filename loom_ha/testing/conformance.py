@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from loom_ha.errors import ConfigurationError, NotConnectedError
+from loom_ha.errors import ConfigurationError, NotConnectedError, TransportClosedError
 from loom_ha.event import CloudEvent
 from loom_ha.testing.collect import (
     Collector,
@@ -425,6 +425,40 @@ class TransportConformance:
                 await transport.publish(prefix + "x*", make_event())
             with pytest.raises(ConfigurationError):
                 await transport.publish("", make_event())
+
+    async def test_disconnect_then_connect_works_again(self, backend: Backend, prefix: str) -> None:
+        """disconnect() is not the end: connect() again, subscribe, and events flow."""
+        pub = backend.factory()
+        sub = backend.factory() if backend.capabilities.cross_instance else pub
+        await pub.connect()
+        try:
+            for round_ in range(2):
+                got = Collector(f"round {round_}")
+                await sub.connect()
+                await sub.subscribe(prefix + "again", got)
+                sent = await _publish_one(pub, prefix + "again")
+                await got.wait_for(1)
+                assert sent in got.ids
+                await sub.disconnect()
+                assert sub.statistics().state is TransportState.DISCONNECTED
+        finally:
+            await sub.disconnect()
+            await pub.disconnect()
+
+    async def test_close_is_terminal(self, backend: Backend) -> None:
+        """close() means for good, whether the transport ever connected or not: the state is
+        CLOSED and connect() raises TransportClosedError; close() again is harmless."""
+        never, used = backend.factory(), backend.factory()
+        await never.close()
+        await used.connect()
+        await used.close()
+        await used.close()
+        for transport in (never, used):
+            assert transport.statistics().state is TransportState.CLOSED
+            with pytest.raises(TransportClosedError):
+                await transport.connect()
+            await transport.disconnect()  # harmless, stays closed
+            assert transport.statistics().state is TransportState.CLOSED
 
     async def test_disconnect_finishes_when_a_handler_swallows_cancellation(
         self, backend: Backend, prefix: str

@@ -16,17 +16,14 @@ duplicates), so a backend is held to exactly what it promises.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from loom_ha.errors import ConfigurationError, NotConnectedError, TransportClosedError
+from loom_ha.errors import ConfigurationError
 from loom_ha.event import CloudEvent
+from loom_ha.testing.backend import Backend, make_event, publish_numbered, publish_one
 from loom_ha.testing.collect import (
     Collector,
     assert_all_received,
@@ -35,116 +32,22 @@ from loom_ha.testing.collect import (
     publish_markers,
     without_markers,
 )
-from loom_ha.transport import Capabilities, Transport, TransportState
+from loom_ha.testing.lifecycle import LifecycleConformance
+
+__all__ = ["Backend", "TransportConformance", "make_event", "publish_numbered"]
 
 
-@dataclass(frozen=True)
-class Backend:
-    """How the suite builds transports of one backend.
+class TransportConformance(LifecycleConformance):
+    """Behaviours every transport shows; subclass and provide a `backend` fixture.
 
-    Attributes:
-        name: shown in test ids and messages.
-        factory: returns a new, unconnected transport on the same broker.
-        capabilities: what the backend declares (usually ``TransportClass.capabilities``).
-
-    Negative checks ("nothing else arrives") never wait a fixed time: they publish a
-    marker after the events under test and wait for it (`publish_markers`).
+    The lifecycle half (connect, disconnect, close, cancellation) is in
+    `loom_ha.testing.lifecycle`.
     """
-
-    name: str
-    factory: Callable[[], Transport]
-    capabilities: Capabilities
-
-    @asynccontextmanager
-    async def peers(self, count: int = 1) -> AsyncIterator[list[Transport]]:
-        """`count` connected transports that talk to each other, disconnected at exit.
-
-        Backends without `cross_instance` share one transport object instead.
-        """
-        async with AsyncExitStack() as stack:
-            if self.capabilities.cross_instance:
-                made = [self.factory() for _ in range(count)]
-            else:
-                made = [self.factory()]
-            for transport in made:
-                await stack.enter_async_context(transport)
-            yield [made[i % len(made)] for i in range(count)]
-
-
-def make_event(n: int = 0, *, source: str = "/node/conformance", **data: Any) -> CloudEvent:
-    """A numbered event; its id is unique per call."""
-    return CloudEvent.create(source=source, type="conformance.event", data={"n": n, **data})
-
-
-async def publish_numbered(transport: Transport, topic: str, count: int) -> list[str]:
-    """Publish `count` numbered events on `topic`; returns their ids in publish order."""
-    ids = []
-    for n in range(count):
-        event = make_event(n)
-        await transport.publish(topic, event)
-        ids.append(event.id)
-    return ids
-
-
-def _tasks() -> set[asyncio.Task[Any]]:
-    """Tasks of the running loop other than the test's own."""
-    return asyncio.all_tasks() - {asyncio.current_task()}
-
-
-def _socket_fds() -> int | None:
-    """Open sockets of this process (Linux), to check that nothing leaks."""
-    try:
-        entries = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    count = 0
-    for entry in entries:
-        try:
-            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
-                count += 1
-        except OSError:
-            continue
-    return count
-
-
-class TransportConformance:
-    """Behaviours every transport shows; subclass and provide a `backend` fixture."""
 
     @pytest.fixture
     def prefix(self) -> str:
         """A topic prefix unique to the test, so tests never see each other's events."""
         return f"conf.{uuid.uuid4().hex[:10]}/"
-
-    async def test_publish_before_connect_raises(self, backend: Backend, prefix: str) -> None:
-        """publish() and subscribe() before connect() raise NotConnectedError."""
-        transport = backend.factory()
-        with pytest.raises(NotConnectedError):
-            await transport.publish(prefix + "x", make_event())
-        with pytest.raises(NotConnectedError):
-            await transport.subscribe(prefix + "x", Collector())
-        await transport.disconnect()  # idempotent, even when never connected
-
-    async def test_connect_and_disconnect_are_idempotent(self, backend: Backend) -> None:
-        """connect() twice and disconnect() twice are harmless: the state says so after each
-        call, the second connect() opens nothing more, and no task or socket is left."""
-        tasks_before, sockets_before = _tasks(), _socket_fds()
-        transport = backend.factory()
-        try:
-            assert transport.statistics().state is TransportState.NEW
-            await transport.connect()
-            assert transport.statistics().state is TransportState.CONNECTED
-            tasks_connected, sockets_connected = _tasks(), _socket_fds()
-            await transport.connect()
-            assert transport.statistics().state is TransportState.CONNECTED
-            assert _tasks() == tasks_connected, "a second connect() started tasks"
-            assert _socket_fds() == sockets_connected, "a second connect() opened sockets"
-        finally:
-            await transport.disconnect()
-        assert transport.statistics().state is TransportState.DISCONNECTED
-        await transport.disconnect()
-        assert transport.statistics().state is TransportState.DISCONNECTED
-        assert _tasks() == tasks_before, "disconnect() left tasks behind"
-        assert _socket_fds() == sockets_before, "disconnect() left sockets open"
 
     async def test_exact_topic_delivers_event_intact(self, backend: Backend, prefix: str) -> None:
         """An event on an exact topic arrives with every attribute unchanged."""
@@ -190,8 +93,8 @@ class TransportConformance:
             await sub.subscribe(subscribed, got)
             for topic in no:  # brings the other topics to the subscriber: it must filter them
                 await sub.subscribe(topic, witness)
-            others = [await _publish_one(pub, t) for t in no]
-            sent = [await _publish_one(pub, t) for t in ok]
+            others = [await publish_one(pub, t) for t in no]
+            sent = [await publish_one(pub, t) for t in ok]
             await got.wait_for(len(sent))
             await witness.wait_until(
                 lambda: set(others) <= set(witness.ids), what=lambda: f"witness: {witness.ids}"
@@ -244,11 +147,11 @@ class TransportConformance:
             await sub.unsubscribe(prefix + "never", gone)  # unknown: no-op
             await sub.subscribe(prefix + "t", gone)
             await sub.subscribe(prefix + "t", stays)
-            await _publish_one(pub, prefix + "t")
+            await publish_one(pub, prefix + "t")
             await gone.wait_for(1)
             await stays.wait_for(1)
             await sub.unsubscribe(prefix + "t", gone)
-            await _publish_one(pub, prefix + "t")
+            await publish_one(pub, prefix + "t")
             await stays.wait_for(2)
             await publish_markers(pub, prefix + "t", stays)
         assert len(gone.events) == 1
@@ -281,7 +184,7 @@ class TransportConformance:
 
         async with backend.peers(2) as (sub, pub):
             await sub.subscribe(prefix + "t", plain)
-            sent = await _publish_one(pub, prefix + "t")
+            sent = await publish_one(pub, prefix + "t")
             async with asyncio.timeout(10):
                 await arrived.wait()
         assert seen == [sent]
@@ -359,7 +262,7 @@ class TransportConformance:
         async with backend.peers(2) as (sub, pub):
             await sub.subscribe(topic, exact)
             await sub.subscribe(prefix + "*", wild)
-            sent = await _publish_one(pub, topic)
+            sent = await publish_one(pub, topic)
             await exact.wait_for(1)
             await wild.wait_for(1)
             markers = await publish_markers(pub, topic, exact, wild)
@@ -425,92 +328,3 @@ class TransportConformance:
                 await transport.publish(prefix + "x*", make_event())
             with pytest.raises(ConfigurationError):
                 await transport.publish("", make_event())
-
-    async def test_disconnect_then_connect_works_again(self, backend: Backend, prefix: str) -> None:
-        """disconnect() is not the end: connect() again, subscribe, and events flow."""
-        pub = backend.factory()
-        sub = backend.factory() if backend.capabilities.cross_instance else pub
-        await pub.connect()
-        try:
-            for round_ in range(2):
-                got = Collector(f"round {round_}")
-                await sub.connect()
-                await sub.subscribe(prefix + "again", got)
-                sent = await _publish_one(pub, prefix + "again")
-                await got.wait_for(1)
-                assert sent in got.ids
-                await sub.disconnect()
-                assert sub.statistics().state is TransportState.DISCONNECTED
-        finally:
-            await sub.disconnect()
-            await pub.disconnect()
-
-    async def test_close_is_terminal(self, backend: Backend) -> None:
-        """close() means for good, whether the transport ever connected or not: the state is
-        CLOSED and connect() raises TransportClosedError; close() again is harmless."""
-        never, used = backend.factory(), backend.factory()
-        await never.close()
-        await used.connect()
-        await used.close()
-        await used.close()
-        for transport in (never, used):
-            assert transport.statistics().state is TransportState.CLOSED
-            with pytest.raises(TransportClosedError):
-                await transport.connect()
-            await transport.disconnect()  # harmless, stays closed
-            assert transport.statistics().state is TransportState.CLOSED
-
-    async def test_disconnect_finishes_when_a_handler_swallows_cancellation(
-        self, backend: Backend, prefix: str
-    ) -> None:
-        """A handler that catches `CancelledError` and returns (Loom 0.3.4's request handler
-        can, through Python 3.11's `wait_for`) cannot keep disconnect() waiting or leave its
-        delivery task behind."""
-        tasks_before = _tasks()
-        inside, swallowed = asyncio.Event(), asyncio.Event()
-
-        async def swallowing(event: Any) -> None:
-            inside.set()
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                swallowed.set()  # and return normally: the cancellation is dropped
-
-        sub, pub = backend.factory(), backend.factory()
-        if not backend.capabilities.cross_instance:
-            pub = sub
-        await sub.connect()
-        await pub.connect()
-        try:
-            await sub.subscribe(prefix + "stuck", swallowing)
-            await _publish_one(pub, prefix + "stuck")
-            async with asyncio.timeout(10):
-                await inside.wait()
-            async with asyncio.timeout(30):  # a hang is the failure; 30 s bounds the test
-                await sub.disconnect()
-            assert swallowed.is_set()
-        finally:
-            await pub.disconnect()
-            await sub.disconnect()
-        assert _tasks() == tasks_before, "a delivery task outlived disconnect()"
-
-    async def test_disconnect_leaves_nothing_behind(self, backend: Backend, prefix: str) -> None:
-        """After disconnect() no task and no socket of the transport is left."""
-        tasks_before = len(asyncio.all_tasks())
-        sockets_before = _socket_fds()
-        got = Collector()
-        async with backend.peers(2) as (sub, pub):
-            await sub.subscribe(prefix + "a", got)
-            await sub.subscribe(prefix + "*", got)
-            await _publish_one(pub, prefix + "a")
-            await got.wait_for(1)
-        assert len(asyncio.all_tasks()) == tasks_before, asyncio.all_tasks()
-        if sockets_before is not None:
-            assert _socket_fds() == sockets_before
-        assert sub.statistics().subscriptions == 0
-
-
-async def _publish_one(transport: Transport, topic: str) -> str:
-    event = make_event()
-    await transport.publish(topic, event)
-    return event.id

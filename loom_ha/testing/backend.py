@@ -1,0 +1,66 @@
+"""`Backend`: how the conformance suites build transports of one backend, and their events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from loom_ha.event import CloudEvent
+from loom_ha.transport import Capabilities, Transport
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the suite builds transports of one backend.
+
+    Attributes:
+        name: shown in test ids and messages.
+        factory: returns a new, unconnected transport on the same broker.
+        capabilities: what the backend declares (usually ``TransportClass.capabilities``).
+
+    Negative checks ("nothing else arrives") never wait a fixed time: they publish a
+    marker after the events under test and wait for it (`publish_markers`).
+    """
+
+    name: str
+    factory: Callable[[], Transport]
+    capabilities: Capabilities
+
+    @asynccontextmanager
+    async def peers(self, count: int = 1) -> AsyncIterator[list[Transport]]:
+        """`count` connected transports that talk to each other, disconnected at exit.
+
+        Backends without `cross_instance` share one transport object instead.
+        """
+        async with AsyncExitStack() as stack:
+            if self.capabilities.cross_instance:
+                made = [self.factory() for _ in range(count)]
+            else:
+                made = [self.factory()]
+            for transport in made:
+                await stack.enter_async_context(transport)
+            yield [made[i % len(made)] for i in range(count)]
+
+
+def make_event(n: int = 0, *, source: str = "/node/conformance", **data: Any) -> CloudEvent:
+    """A numbered event; its id is unique per call."""
+    return CloudEvent.create(source=source, type="conformance.event", data={"n": n, **data})
+
+
+async def publish_numbered(transport: Transport, topic: str, count: int) -> list[str]:
+    """Publish `count` numbered events on `topic`; returns their ids in publish order."""
+    ids = []
+    for n in range(count):
+        event = make_event(n)
+        await transport.publish(topic, event)
+        ids.append(event.id)
+    return ids
+
+
+async def publish_one(transport: Transport, topic: str) -> str:
+    """Publish one new event on `topic`; returns its id."""
+    event = make_event()
+    await transport.publish(topic, event)
+    return event.id

@@ -156,3 +156,36 @@ class RetryPolicy:
                 ) from exc
             raise
         raise AssertionError("unreachable: tenacity either returned or raised")
+
+
+# -- the named policies: every loop in loom-ha that waits and tries again uses one of these --
+
+RECOVERY = RetryPolicy()
+"""HATransport's recovery: never gives up; 0.1 s growing to 5 s between attempts."""
+
+BROKER_WAIT_INITIAL, BROKER_WAIT_JITTER = 0.05, 0.1
+"""A broker operation's backoff starts short: a failover usually ends within seconds."""
+
+
+def within(timeout: float, *, wait_max: float = 0.5) -> RetryPolicy:
+    """Retry a broker operation (connect, publish, a command) for up to `timeout` seconds."""
+    return RetryPolicy(
+        timeout=timeout,
+        wait_initial=BROKER_WAIT_INITIAL,
+        wait_max=wait_max,
+        wait_jitter=BROKER_WAIT_JITTER,
+    )
+
+
+def forever(*, wait_max: float = 1.0) -> RetryPolicy:
+    """Retry until it works: a backend following its broker back (reconnect, re-pull)."""
+    return RetryPolicy(
+        wait_initial=BROKER_WAIT_INITIAL, wait_max=wait_max, wait_jitter=BROKER_WAIT_JITTER
+    )
+
+
+ONCE = RetryPolicy(attempts=1, wait_initial=0, wait_max=0, wait_jitter=0)
+"""A single attempt, failures mapped like every other call (a health check's ping)."""
+
+ROUTED_BUDGET = RetryPolicy(attempts=3, timeout=30.0)
+"""A routed request: three attempts on chosen instances within 30 s."""

@@ -37,7 +37,7 @@ from loom_ha.errors import (
 )
 from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import RECOVERY, RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
 from loom_ha.transport import (
     Transport,
@@ -105,7 +105,7 @@ class HATransport(Transport):
         self._endpoint = itertools.cycle(range(len(self._factories)))
         self._endpoint_index = next(self._endpoint)
         self._inner: Transport = self._factories[self._endpoint_index]()
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or RECOVERY
         self._outbox = Outbox(outbox or OutboxConfig())
         self._dedup: DedupWindow | None = MemoryDedup() if dedup is True else (dedup or None)
         # Fan-out deliveries are this process's own: never merged through a shared window

@@ -34,7 +34,7 @@ from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import NatsConnection
 from loom_ha.nats.options import ConsumerOptions, StreamOptions
 from loom_ha.nats.subjects import SubjectCodec
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import RetryPolicy, forever
 from loom_ha.transport import TransportState
 
 
@@ -75,7 +75,7 @@ log = logging.getLogger("loom_ha.nats.jetstream")
 _WAKE = object()  # queued on reconnect: pull requests died with the old connection
 _REFILL = object()  # queued when the outstanding pulls run low
 _HEARTBEAT = "100"
-_FOREVER = RetryPolicy(wait_initial=0.1, wait_max=2.0, wait_jitter=0.2)
+_FOREVER = forever(wait_max=2.0)
 
 
 class PullConsumer:

@@ -40,7 +40,7 @@ from loom_ha.nats.subjects import (
     digest,
     safe_name,
 )
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import within
 from loom_ha.topics import validate_topic
 from loom_ha.transport import Capabilities, GroupRule, loom_request_groups, require_connected
 
@@ -111,9 +111,7 @@ class JetStreamTransport(NatsTransportBase):
         self.stream = stream or StreamOptions()
         self.consumer_options = consumer or ConsumerOptions()
         self.ack_timeout = ack_timeout
-        self._publish_retry = RetryPolicy(
-            timeout=publish_timeout, wait_initial=0.05, wait_max=1.0, wait_jitter=0.1
-        )
+        self._publish_retry = within(publish_timeout, wait_max=1.0)
         self._instance = uuid.uuid4().hex[:10]
         self._fanout_ids = itertools.count(1)
         self._js: JetStreamContext | None = None
@@ -221,7 +219,7 @@ class JetStreamTransport(NatsTransportBase):
             duplicate_window=s.duplicate_window,
             storage=storage,
         )
-        setup = RetryPolicy(timeout=max(5.0, self.options.connect_timeout), wait_max=1.0)
+        setup = within(max(5.0, self.options.connect_timeout), wait_max=1.0)
         for config in (main, dead):
             await setup.call(lambda config=config: self._ensure_stream(config))  # type: ignore[misc]
 
@@ -358,7 +356,7 @@ class JetStreamTransport(NatsTransportBase):
                 return  # created under this lock by an earlier call: it exists
             consumer = PullConsumer(self, key, self.consumer_name(key))
             self._consumers[key] = consumer
-            retry = RetryPolicy(timeout=self.consumer_options.subscribe_timeout, wait_max=1.0)
+            retry = within(self.consumer_options.subscribe_timeout, wait_max=1.0)
             try:
                 await consumer.start(retry)
             except BaseException:

@@ -23,7 +23,7 @@ from loom_ha.errors import (
 from loom_ha.event import DEFAULT_MAX_SIZE, CloudEvent, EventCodec
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.url import RedisSettings, settings_from
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import ONCE, within
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     GroupRule,
@@ -102,9 +102,7 @@ class RedisTransportBase(Transport):
         self._connect_timeout = connect_timeout
         self._role_check_interval = role_check_interval
         self._block_margin = block_margin
-        self.publish_policy = RetryPolicy(
-            timeout=publish_timeout, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1
-        )
+        self.publish_policy = within(publish_timeout)
         self._state = TransportState.NEW
         self._state_lock = asyncio.Lock()
         self.local = LocalDelivery(f"loom_ha.{self.backend}", group_rule)
@@ -318,7 +316,7 @@ class RedisTransportBase(Transport):
             NotConnectedError: `connect()` was never called.
         """
         require_connected(self._state, self.backend)
-        once = RetryPolicy(attempts=1, wait_initial=0, wait_max=0, wait_jitter=0)
+        once = ONCE
 
         async def ping(client: Any) -> Any:
             return await client.ping()

@@ -30,7 +30,7 @@ from loom_ha.redis._connections import LeanConnection, LeanSSLConnection
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
 from loom_ha.redis._roundtrip import UnconfirmedError, Written, checkout, round_trip
 from loom_ha.redis.url import RedisSettings
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import RetryPolicy, forever, within
 
 T = TypeVar("T")
 log = logging.getLogger("loom_ha.redis")
@@ -38,9 +38,9 @@ log = logging.getLogger("loom_ha.redis")
 Address = tuple[str, int]
 
 # Reconnecting while the master is away: quick first tries, capped waits, forever.
-RECONNECT_POLICY = RetryPolicy(wait_initial=0.05, wait_max=1.0, wait_jitter=0.1)
+RECONNECT_POLICY = forever()
 # Following a +switch-master: the named master should answer at once.
-MOVE_POLICY = RetryPolicy(timeout=10.0, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1)
+MOVE_POLICY = within(10.0)
 
 
 def checkpoint() -> None:
@@ -138,7 +138,7 @@ class RedisConnector:
                 aioredis.Redis(connection_pool=self._pool(address, sentinel=True))
                 for address in self.settings.addresses
             ]
-        policy = RetryPolicy(timeout=timeout, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1)
+        policy = within(timeout)
         try:
             await policy.call(self.client)
         except FailoverExhaustedError as exc:

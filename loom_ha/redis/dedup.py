@@ -17,7 +17,7 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import ConfigurationError, LoomHAError, TransportClosedError
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.url import settings_from
-from loom_ha.retry import RetryPolicy
+from loom_ha.retry import within
 
 __all__ = ["RedisDedup"]
 
@@ -26,7 +26,7 @@ log = logging.getLogger("loom_ha.redis.dedup")
 
 CONNECT_TIMEOUT = 10.0
 """Seconds the first use waits for a master (the transports' default `connect_timeout`)."""
-COMMAND_POLICY = RetryPolicy(timeout=30.0, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1)
+COMMAND_POLICY = within(30.0)
 """claim / complete / release while the master is away: the transports' publish policy."""
 _DONE = b"done"
 
@@ -70,9 +70,7 @@ class RedisDedup:
         self.lease = lease
         self.prefix = prefix
         # A renewal round gives up before the next one is due.
-        self._renew_policy = RetryPolicy(
-            timeout=lease / 3, wait_initial=0.05, wait_max=0.5, wait_jitter=0.1
-        )
+        self._renew_policy = within(lease / 3)
         self._held: set[str] = set()
         self._connector: RedisConnector | None = None
         self._starting = asyncio.Lock()

@@ -46,7 +46,7 @@ from loom_ha.errors import (
     TransientError,
 )
 from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
-from loom_ha.retry import RetryPolicy, backoff_delay
+from loom_ha.retry import ROUTED_BUDGET, RetryPolicy, backoff_delay
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
 from loom_ha.transport import Transport, TransportState, TransportStatistics
@@ -64,7 +64,7 @@ log = logging.getLogger("loom_ha.routing")
 DEFAULT_ATTEMPT_TIMEOUT = 10.0
 """Seconds a request waits for a reply before another instance gets it."""
 
-DEFAULT_BUDGET = RetryPolicy(attempts=3, timeout=30.0)
+DEFAULT_BUDGET = ROUTED_BUDGET
 """Three attempts within Loom's 30 s request timeout."""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -103,4 +103,25 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
         for task in pending:  # code that caught the first cancellation gets another
             task.cancel()
     if cancelled_while_waiting:
+        raise asyncio.CancelledError
+
+
+async def finish_all(*steps: Callable[[], Awaitable[object]], owner: str = "loom_ha") -> None:
+    """Run every clean-up step to its end, in order, even if the caller is cancelled meanwhile.
+
+    The one "finish despite cancel" of loom-ha: a half-closed client leaks a socket, so a
+    cancellation that arrives during clean-up is held until every step is done, then
+    re-raised. A step that fails is logged and the next one still runs.
+    """
+    cancelled = False
+    for step in steps:
+        running = asyncio.ensure_future(step())
+        while not running.done():
+            try:
+                await asyncio.wait({running})
+            except asyncio.CancelledError:
+                cancelled = True  # keep waiting: the step must not be left half done
+        if not running.cancelled() and running.exception() is not None:
+            log.warning("%s: clean-up step %r failed", owner, step, exc_info=running.exception())
+    if cancelled:
         raise asyncio.CancelledError

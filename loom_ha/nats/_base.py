@@ -16,6 +16,7 @@ from typing import Any
 from typing_extensions import Unpack, override
 
 from loom_ha._delivery import LocalDelivery
+from loom_ha._tasks import finish_all
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import TransportClosedError
 from loom_ha.event import CloudEvent, EventCodec, loom_event_class
@@ -151,29 +152,17 @@ class NatsTransportBase(Transport):
             self._conn.mark(TransportState.CLOSED)
 
     async def _shutdown(self) -> None:
-        cancelled = False
         try:
-            await self._before_close()
-        except asyncio.CancelledError:
-            cancelled = True
-        except Exception:
-            log.exception("%s: error while stopping consumers", self.backend_name)
-        try:
-            await self._local.close()
-        except asyncio.CancelledError:
-            cancelled = True
-        try:
-            await self._conn.close()
-        except asyncio.CancelledError:
-            cancelled = True
-        try:
-            await self._local.settle()  # handler calls in nats-py's (now cancelled) tasks
-        except asyncio.CancelledError:
-            cancelled = True
-        self._forget_native()
-        self._conn.mark(TransportState.DISCONNECTED)
-        if cancelled:
-            raise asyncio.CancelledError
+            await finish_all(
+                self._before_close,  # broker-side consumers, while the connection is up
+                self._local.close,
+                self._conn.close,
+                self._local.settle,  # handler calls in nats-py's (now cancelled) tasks
+                owner=self.backend_name,
+            )
+        finally:
+            self._forget_native()
+            self._conn.mark(TransportState.DISCONNECTED)
 
     async def _after_connect(self) -> None:
         """Hook: broker-side setup once connected (streams)."""

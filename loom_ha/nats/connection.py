@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from loom_ha._state import StateCell, StateListener
+from loom_ha._tasks import finish_all
 from loom_ha.errors import ConfigurationError, TransportClosedError
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.transport import TransportState
@@ -315,17 +316,7 @@ class NatsConnection:
                 echoed.set_exception(TransportClosedError(f"{self.backend}: closed"))
         if client is None:
             return
-        cancelled = False
-        closing = asyncio.ensure_future(client.close())
-        while not closing.done():
-            try:
-                await asyncio.wait({closing})
-            except asyncio.CancelledError:
-                cancelled = True  # keep waiting: a half-closed client leaks a socket
-        if not closing.cancelled() and closing.exception() is not None:
-            log.debug("%s: close: %r", self.backend, closing.exception())
-        if cancelled:
-            raise asyncio.CancelledError
+        await finish_all(client.close, owner=self.backend)
 
     def mark(self, state: TransportState) -> None:
         """Set the state from the owning transport (e.g. DISCONNECTED after close)."""

@@ -24,7 +24,7 @@ from redis.asyncio.connection import AbstractConnection, Connection, ConnectionP
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, finish_all
 from loom_ha.errors import ConnectionLostError, FailoverExhaustedError, LoomHAError
 from loom_ha.redis._connections import LeanConnection, LeanSSLConnection
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
@@ -154,14 +154,7 @@ class RedisConnector:
     async def close(self) -> None:
         """Stop the watchers and close every connection; finishes even when cancelled."""
         self._closed = True
-        try:
-            await self._tasks.aclose()
-        finally:
-            try:
-                await self._close_resources()
-            except asyncio.CancelledError:
-                await self._close_resources()  # idempotent: finish what was interrupted
-                raise
+        await finish_all(self._tasks.aclose, self._close_resources, owner=self._owner)
 
     async def _close_resources(self) -> None:
         await self._retire()

@@ -9,7 +9,7 @@ import pytest
 
 from loom_ha import _tasks
 from loom_ha._handlers import DeliveryCounters, invoke
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, finish_all
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again(
@@ -77,3 +77,31 @@ async def test_invoke_re_raises_a_cancellation_the_handler_swallowed() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert counters.delivered == 0
+
+
+async def test_finish_all_runs_every_step_despite_a_cancel_and_a_failure() -> None:
+    """Clean-up is never left half done: a cancel waits for every step, then is raised."""
+    done: list[str] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        inside.set()
+        await release.wait()
+        done.append("slow")
+
+    async def broken() -> None:
+        raise RuntimeError("step failed (expected by the test)")
+
+    async def last() -> None:
+        done.append("last")
+
+    task = asyncio.ensure_future(finish_all(slow, broken, last, owner="test"))
+    await inside.wait()
+    task.cancel()  # arrives mid-step: held until the end
+    await asyncio.sleep(0)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done == ["slow", "last"]

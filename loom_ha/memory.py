@@ -72,11 +72,8 @@ class InMemoryTransport(Transport):
         await self._local.close()
 
     @override
-    async def close(self) -> None:
-        try:
-            await self.disconnect()
-        finally:
-            self._state = TransportState.CLOSED
+    def _mark_closed(self) -> None:
+        self._state = TransportState.CLOSED
 
     @override
     async def publish(self, topic: str, event: Any) -> None:

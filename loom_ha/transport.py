@@ -191,10 +191,16 @@ class Transport(ABC):
     async def close(self) -> None:
         """`disconnect()` for good: the state becomes CLOSED and a later `connect()` raises
         `TransportClosedError`. Idempotent, safe at any moment (before or during `connect()`
-        too). LoomApp never disconnects, so owners close. Backends override it to record
-        the CLOSED state; this default only disconnects.
+        too). LoomApp never disconnects, so owners close.
         """
-        await self.disconnect()
+        try:
+            await self.disconnect()
+        finally:
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Record the CLOSED state (`close()` calls it after disconnecting); backends that
+        keep their own state override it."""
 
     async def __aenter__(self) -> Self:
         await self.connect()

@@ -142,14 +142,9 @@ class NatsTransportBase(Transport):
         await self._shutdown()
 
     @override
-    async def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            await self.disconnect()
-        finally:
-            self._closed = True
-            self._conn.mark(TransportState.CLOSED)
+    def _mark_closed(self) -> None:
+        self._closed = True
+        self._conn.mark(TransportState.CLOSED)
 
     async def _shutdown(self) -> None:
         try:

@@ -149,11 +149,8 @@ class RedisTransportBase(Transport):
                 await connector.close()
 
     @override
-    async def close(self) -> None:
-        try:
-            await self.disconnect()
-        finally:
-            self._state = TransportState.CLOSED
+    def _mark_closed(self) -> None:
+        self._state = TransportState.CLOSED
 
     # -- running on a connector (RedisTransport shares one between its modes) ---------------------
 

@@ -158,11 +158,8 @@ class RedisTransport(Transport):
                 await connector.close()
 
     @override
-    async def close(self) -> None:
-        try:
-            await self.disconnect()
-        finally:
-            self._state = TransportState.CLOSED
+    def _mark_closed(self) -> None:
+        self._state = TransportState.CLOSED
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:

@@ -23,8 +23,10 @@ BARE: dict[str, Callable[[RedisServer, NatsServer], Callable[[], Transport]]] = 
     "redis-pubsub": lambda r, n: lambda: RedisPubSubTransport(r.url),
     "redis-streams": lambda r, n: lambda: RedisStreamsTransport(r.url),
     "nats-core": lambda r, n: lambda: NatsCoreTransport([n.url]),
-    "nats-jetstream": lambda r, n: lambda: JetStreamTransport(
-        [n.url], consumer=ConsumerOptions(heartbeat=0.5, pull_expires=5.0)
+    "nats-jetstream": lambda r, n: (
+        lambda: JetStreamTransport(
+            [n.url], consumer=ConsumerOptions(heartbeat=0.5, pull_expires=5.0)
+        )
     ),
 }
 

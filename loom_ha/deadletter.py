@@ -23,6 +23,11 @@ DEAD_LETTER_TYPE = "loom_ha.deadletter"
 CLOUDEVENT_JSON = "application/cloudevents+json"
 OCTET_STREAM = "application/octet-stream"
 
+DEAD_LETTER_CODEC: EventCodec[CloudEvent] = EventCodec(max_size=1 << 30)
+"""Encodes dead letters. Not the transport's size-limited codec: a dead letter carries the
+original, so the letter of an oversized event is oversized too and must still be kept; the
+broker's own limit (NATS max_payload, Redis' 512 MB) bounds it."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeadLetter:

@@ -17,9 +17,9 @@ from typing_extensions import Unpack, override
 
 from loom_ha._delivery import LocalDelivery
 from loom_ha._tasks import finish_all
-from loom_ha.deadletter import DeadLetter
+from loom_ha.deadletter import DEAD_LETTER_CODEC, DeadLetter
 from loom_ha.errors import TransportClosedError
-from loom_ha.event import CloudEvent, EventCodec, loom_event_class
+from loom_ha.event import EventCodec, loom_event_class
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import (
     DEFAULT_SERVERS,
@@ -39,9 +39,6 @@ from loom_ha.transport import (
 )
 
 log = logging.getLogger("loom_ha.nats")
-_LETTERS: EventCodec[CloudEvent] = EventCodec(
-    max_size=1 << 30
-)  # dead letters are bounded by max_payload instead
 
 
 class PatternLocks:
@@ -196,7 +193,7 @@ class NatsTransportBase(Transport):
         if len(raw) > room:
             reason, raw = f"{reason} (original cut from {len(raw)} to {room} bytes)", raw[:room]
         letter = DeadLetter(reason=reason, topic=topic, origin=origin, attempts=attempts, raw=raw)
-        return self.subjects.dead_letter_subject(topic), _LETTERS.encode(letter.to_event())
+        return self.subjects.dead_letter_subject(topic), DEAD_LETTER_CODEC.encode(letter.to_event())
 
     def _topic_of(self, subject: str) -> str:
         """The Loom topic of `subject`; the raw subject when it is not ours (dead letters)."""

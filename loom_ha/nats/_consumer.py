@@ -126,6 +126,10 @@ class PullConsumer:
                 if sub is not None:
                     with map_nats_errors(what="unsubscribe"):
                         await sub.unsubscribe()
+                    # Return only once the server dropped our inbox: until then it may still
+                    # hand a new event to one of our open pulls, which nobody would handle
+                    # (the event came back to the group only after ack_wait, 30 s).
+                    await self.owner.connection.barrier(2.0)
                 if delete:
                     with map_nats_errors(what=f"delete consumer {self.name}"):
                         await self.owner.js.delete_consumer(self.owner.stream.name, self.name)

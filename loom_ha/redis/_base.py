@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
-from loom_ha.deadletter import DeadLetter
+from loom_ha.deadletter import DEAD_LETTER_CODEC, DeadLetter
 from loom_ha.errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -288,7 +288,7 @@ class RedisTransportBase(Transport):
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         """Append `letter` to the dead-letter stream (retrying within the publish timeout)."""
-        encoded = self.codec.encode(letter.to_event(source=f"/loom_ha/{self.backend}"))
+        encoded = DEAD_LETTER_CODEC.encode(letter.to_event(source=f"/loom_ha/{self.backend}"))
         fields: dict[Any, Any] = {b"event": encoded, b"topic": letter.topic.encode()}
         stream = self.dead_letter_stream
 

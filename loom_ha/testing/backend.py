@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from loom_ha.deadletter import DeadLetter
 from loom_ha.event import CloudEvent
+from loom_ha.policy import DeliveryPolicy
 from loom_ha.transport import Capabilities, Transport
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Small limits the durability suite asks `Backend.limited` to build a transport with.
+
+    Attributes:
+        policy: handler attempts and backoff before an event is dead-lettered.
+        max_event_size: the codec refuses (as malformed) received events bigger than this.
+    """
+
+    policy: DeliveryPolicy
+    max_event_size: int
 
 
 @dataclass(frozen=True)
@@ -19,6 +34,19 @@ class Backend:
         name: shown in test ids and messages.
         factory: returns a new, unconnected transport on the same broker.
         capabilities: what the backend declares (usually ``TransportClass.capabilities``).
+        limited: returns a new, unconnected transport like `factory`'s, configured with the
+            given `Limits` (delivery policy, codec size limit).
+        inject_raw: puts raw bytes on the wire of a topic, as a foreign publisher would
+            (``inject_raw(topic, payload)``).
+        dead_letters: reads back every dead letter of a topic from the backend's durable
+            dead-letter place (``await dead_letters(topic)``).
+        unacked: how many events of a topic the broker holds as delivered to a group but not
+            acknowledged (``await unacked(topic, group)``).
+
+    The last four are optional hooks of the durability half of the suite
+    (`loom_ha.testing.durability`): a test that needs `limited`, `inject_raw` or
+    `dead_letters` skips without them and says so; without `unacked` the tests do not
+    check that the broker received the acknowledgements.
 
     Negative checks ("nothing else arrives") never wait a fixed time: they publish a
     marker after the events under test and wait for it (`publish_markers`).
@@ -27,6 +55,10 @@ class Backend:
     name: str
     factory: Callable[[], Transport]
     capabilities: Capabilities
+    limited: Callable[[Limits], Transport] | None = None
+    inject_raw: Callable[[str, bytes], Awaitable[None]] | None = None
+    dead_letters: Callable[[str], Awaitable[list[DeadLetter]]] | None = None
+    unacked: Callable[[str, str], Awaitable[int]] | None = None
 
     @asynccontextmanager
     async def peers(self, count: int = 1) -> AsyncIterator[list[Transport]]:

@@ -10,7 +10,9 @@ Use it from a test module by subclassing and providing a `backend` fixture::
             return Backend("mine", lambda: MyTransport(my_server.url), MyTransport.capabilities)
 
 What is asserted depends on the declared `Capabilities` (ordering, groups,
-duplicates), so a backend is held to exactly what it promises.
+duplicates), so a backend is held to exactly what it promises. The durability tests
+(redelivery, dead letters, malformed input) also need the backend's optional hooks
+(`Backend.limited`, `inject_raw`, `dead_letters`, `unacked`: see `loom_ha.testing.durability`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 from loom_ha.errors import ConfigurationError
 from loom_ha.event import CloudEvent
-from loom_ha.testing.backend import Backend, make_event, publish_numbered, publish_one
+from loom_ha.testing.backend import Backend, Limits, make_event, publish_numbered, publish_one
 from loom_ha.testing.collect import (
     Collector,
     assert_all_received,
@@ -32,16 +34,18 @@ from loom_ha.testing.collect import (
     publish_markers,
     without_markers,
 )
+from loom_ha.testing.durability import DurabilityConformance
 from loom_ha.testing.lifecycle import LifecycleConformance
 
-__all__ = ["Backend", "TransportConformance", "make_event", "publish_numbered"]
+__all__ = ["Backend", "Limits", "TransportConformance", "make_event", "publish_numbered"]
 
 
-class TransportConformance(LifecycleConformance):
+class TransportConformance(LifecycleConformance, DurabilityConformance):
     """Behaviours every transport shows; subclass and provide a `backend` fixture.
 
     The lifecycle half (connect, disconnect, close, cancellation) is in
-    `loom_ha.testing.lifecycle`.
+    `loom_ha.testing.lifecycle`; the durability half (redelivery, dead letters,
+    persistence, malformed input; optional `Backend` hooks) in `loom_ha.testing.durability`.
     """
 
     @pytest.fixture

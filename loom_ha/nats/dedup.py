@@ -41,10 +41,14 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import ConfigurationError, TransportClosedError
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import ConnectionOptions, NatsConnection, NatsOptions
+from loom_ha.retry import within
 
 __all__ = ["NatsDedup"]
 
 log = logging.getLogger("loom_ha.nats.dedup")
+
+BUCKET_READY = within(15.0)
+"""How long a new bucket may take to elect its stream leader (an R3 election: seconds)."""
 
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 _DONE = b"done"
@@ -312,6 +316,9 @@ class NatsDedup:
             try:
                 with map_nats_errors(what=f"nats dedup: bucket {self.bucket}"):
                     kv = await self._open_bucket(conn.client.jetstream())
+                # A replicated bucket just created has no stream leader yet: its first
+                # operations would get "no response from stream". Wait until it answers.
+                await BUCKET_READY.call(lambda: self._answers(kv))
             except BaseException:
                 await conn.close()
                 raise
@@ -320,6 +327,10 @@ class NatsDedup:
                 raise TransportClosedError("nats dedup: the window was closed")
             self._conn, self._kv = conn, kv
             return kv
+
+    async def _answers(self, kv: KeyValue) -> None:
+        with map_nats_errors(what=f"nats dedup: bucket {self.bucket} status"):
+            await kv.status()
 
     async def _open_bucket(self, js: JetStreamContext) -> KeyValue:
         """Create the bucket, or bind it if it exists with our ttl (its ``max_age``)."""

@@ -249,11 +249,9 @@ class DurabilityConformance:
         """Bytes on the wire that are no valid CloudEvent are counted in `malformed`,
         dead-lettered with the decoder's reason and the bytes as received, and acknowledged;
         the events after them are delivered."""
-        if not backend.capabilities.cross_instance:
-            pytest.skip(f"{backend.name} has no wire (lacks cross_instance)")
+        _require_wire(backend, "inject_raw", "dead_letters")
         inject, dead_letters = backend.inject_raw, backend.dead_letters
-        if inject is None or dead_letters is None:
-            pytest.skip(f"{backend.name} gives no `inject_raw` or `dead_letters` hook")
+        assert inject is not None and dead_letters is not None
         topic = prefix + "bad"
         group = "workers" if backend.capabilities.competing_consumers else None
         got = Collector()
@@ -285,11 +283,9 @@ class DurabilityConformance:
     ) -> None:
         """An event over the subscriber codec's size limit is counted in `malformed` and
         dead-lettered whole, with the reason; the events after it are delivered."""
-        if not backend.capabilities.cross_instance:
-            pytest.skip(f"{backend.name} has no wire (lacks cross_instance)")
+        _require_wire(backend, "limited", "dead_letters")
         limited, dead_letters = backend.limited, backend.dead_letters
-        if limited is None or dead_letters is None:
-            pytest.skip(f"{backend.name} gives no `limited` or `dead_letters` hook")
+        assert limited is not None and dead_letters is not None
         topic = prefix + "big"
         big = make_event(0, blob="x" * 2 * LIMITS.max_event_size)
         got = Collector()
@@ -334,3 +330,12 @@ async def _stored_letters(
         what=f"{count} dead letter(s) stored and counted",
     )
     return letters
+
+
+def _require_wire(backend: Backend, *hooks: str) -> None:
+    """Skip unless `backend` crosses a process boundary and gives the named hooks."""
+    if not backend.capabilities.cross_instance:
+        pytest.skip(f"{backend.name} has no wire (lacks cross_instance)")
+    missing = [hook for hook in hooks if getattr(backend, hook) is None]
+    if missing:
+        pytest.skip(f"{backend.name} gives no {' or '.join(f'`{h}`' for h in missing)} hook")

@@ -4,6 +4,9 @@ Importing this package never imports a broker client: `loom_ha.redis`,
 `loom_ha.nats` and `loom_ha.discovery` load theirs when used.
 """
 
+# The one place the version is written: pyproject.toml reads it ([tool.setuptools.dynamic]).
+__version__ = "0.1.0"
+
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import (
     ConfigurationError,

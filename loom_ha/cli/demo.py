@@ -66,7 +66,8 @@ async def run_demo(console: Console, *, requests: int = 300, concurrency: int = 
     try:
         from loom_ha.loom import HALoomApp
     except ImportError:
-        console.print("[red]loom-agent is not installed:[/] pip install 'loom-ha[loom]'")
+        # "\[" keeps rich from taking [loom] for a style tag (it printed "pip install 'loom-ha'").
+        console.print("[red]loom-agent is not installed:[/] pip install 'loom-ha\\[loom]'")
         return 1
 
     transport = InMemoryTransport()

@@ -15,18 +15,24 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-import consul.aio
-import consul.base
-from consul.exceptions import (
-    ACLDisabled,
-    ACLPermissionDenied,
-    BadRequest,
-    ClientError,
-    ConsulException,
-    NotFound,
-)
 from typing_extensions import override
+
+try:
+    import aiohttp
+    import consul.aio
+    import consul.base
+    from consul.exceptions import (
+        ACLDisabled,
+        ACLPermissionDenied,
+        BadRequest,
+        ClientError,
+        ConsulException,
+        NotFound,
+    )
+except ImportError as exc:  # the consul extra brings py-consul and its aiohttp
+    raise ImportError(
+        "loom_ha.discovery.consul needs py-consul: pip install 'loom-ha[consul]'"
+    ) from exc
 
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import Health, ServiceInstance
@@ -178,15 +184,16 @@ class ConsulRegistry(ServiceRegistry):
         deregister_after: float = 60.0,
         watch_wait: float = 10.0,
     ) -> None:
-        """
+        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`: see `ServiceRegistry`
+        (`deregister_after` below 60 s is raised to 60 s, Consul's floor).
+
         Args:
             url: ``consul://host:port`` (``consul+https://`` for TLS, or http(s)://).
-            host, port: instead of `url`; neither: ``CONSUL_HTTP_ADDR`` or 127.0.0.1:8500.
+            host: instead of `url` (with `port`); neither: ``CONSUL_HTTP_ADDR`` or 127.0.0.1:8500.
+            port: instead of `url` (with `host`).
             token: ACL token; default ``CONSUL_HTTP_TOKEN``.
             datacenter: query this datacenter (default: the agent's).
             verify: TLS verification (bool or CA bundle path); cert: client certificate.
-            ttl, interval, timeout, deregister_after, watch_wait: see `ServiceRegistry`
-                (`deregister_after` below 60 s is raised to 60 s, Consul's floor).
 
         Raises:
             ConfigurationError: the address is invalid (named in the message).

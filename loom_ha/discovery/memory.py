@@ -135,10 +135,10 @@ class MemoryRegistry(ServiceRegistry):
         deregister_after: float = 60.0,
         watch_wait: float = 10.0,
     ) -> None:
-        """
+        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`: see `ServiceRegistry`.
+
         Args:
             store: shared state; a new private one by default.
-            ttl, interval, timeout, deregister_after, watch_wait: see `ServiceRegistry`.
         """
         super().__init__(
             ttl=ttl,

@@ -84,12 +84,12 @@ class RedisRegistry(ServiceRegistry):
         timeout: float = 5.0,
         watch_wait: float = 10.0,
     ) -> None:
-        """
+        """`ttl`, `interval`, `timeout`, `watch_wait`: see `ServiceRegistry`.
+
         Args:
             url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS).
             prefix: key prefix; keys are ``<prefix>:<service>:<instance id>``.
             poll_interval: how often a watch re-reads its service, seconds.
-            ttl, interval, timeout, watch_wait: see `ServiceRegistry`.
 
         Raises:
             ConfigurationError: `url` is not a Redis URL (named in the message).

@@ -1,15 +1,23 @@
-"""Markers that filter truly: every test that needs a broker carries that broker's marker.
+"""Guards every test runs under: true markers, and nothing left running after a test.
 
-`-m "not redis and not nats and not consul"` is then a real server-free loop. Two rules:
+`-m "not redis and not nats and not consul"` is then a real server-free loop. The rules:
 
 * a test that uses a server fixture gets its marker at collection;
 * a test that starts a server any other way (`server_launcher`, a local cluster) without
-  the marker fails, naming the marker to add, so a missing mark is found, not trusted.
+  the marker fails, naming the marker to add, so a missing mark is found, not trusted;
+* a test that leaves a thread or a child process running (a node process, a CLI, a client
+  loop in a thread) fails, naming it: such a leftover keeps reconnecting and shows up as a
+  stray client of a later test's server on a reused port.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +65,52 @@ def _server_marker_guard(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 _launch = ServerProcess.launch
+_server_pids: set[int] = set()  # every server a fixture or launcher started: not leftovers
+LEFTOVER_GRACE = 5.0  # s: a process or thread that is ending (SIGTERM sent, join pending)
+
+
+def _children() -> dict[int, str]:
+    """This process's live children (zombies excluded) and their command lines."""
+    me, found = os.getpid(), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == me and fields[0] != "Z":
+                pid = int(stat.parent.name)
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found[pid] = cmd.strip()
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return found
+
+
+def _leftovers(threads_before: set[int], children_before: set[int]) -> list[str]:
+    threads = [
+        f"thread {t.name!r}"
+        for t in threading.enumerate()
+        if t.ident not in threads_before and t.is_alive()
+    ]
+    procs = [
+        f"child process {pid} ({cmd})"
+        for pid, cmd in _children().items()
+        if pid not in children_before and pid not in _server_pids
+    ]
+    return threads + procs
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running() -> Iterator[None]:
+    threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
+    children_before = set(_children())
+    yield
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while (left := _leftovers(threads_before, children_before)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        for pid in _children():  # so the leftover cannot disturb the tests after this one
+            if pid not in children_before and pid not in _server_pids:
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("left running after the test: " + "; ".join(left), pytrace=False)
 
 
 def _guarded_launch(self: ServerProcess, *args: Any, **kwargs: Any) -> Any:
@@ -69,7 +123,10 @@ def _guarded_launch(self: ServerProcess, *args: Any, **kwargs: Any) -> Any:
                     f"marker: add @pytest.mark.{marker} so -m selections filter truly",
                     pytrace=False,
                 )
-    return _launch(self, *args, **kwargs)
+    result = _launch(self, *args, **kwargs)
+    if self.pid is not None:
+        _server_pids.add(self.pid)
+    return result
 
 
 ServerProcess.launch = _guarded_launch  # type: ignore[method-assign]

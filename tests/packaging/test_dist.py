@@ -12,8 +12,23 @@ import loom_ha
 from ._dist import ROOT, Dist, run, wheel_metadata
 
 # What setuptools adds beside the package; anything else in a distribution is a stray file.
-WHEEL_DIST_INFO = {"METADATA", "WHEEL", "entry_points.txt", "top_level.txt", "RECORD"}
-SDIST_TOP = {"PKG-INFO", "README.md", "pyproject.toml", "setup.cfg", "loom_ha", "loom_ha.egg-info"}
+WHEEL_DIST_INFO = {
+    "METADATA",
+    "WHEEL",
+    "entry_points.txt",
+    "top_level.txt",
+    "RECORD",
+    "licenses/LICENSE",
+}
+SDIST_TOP = {
+    "PKG-INFO",
+    "README.md",
+    "LICENSE",
+    "pyproject.toml",
+    "setup.cfg",
+    "loom_ha",
+    "loom_ha.egg-info",
+}
 
 
 def _package_files(dist: Dist) -> set[str]:
@@ -57,6 +72,8 @@ def test_metadata_is_single_sourced_and_complete(dist: Dist) -> None:
     meta = wheel_metadata(dist.wheel)
     assert meta["Version"] == loom_ha.__version__
     assert meta["Name"] == "loom-ha"
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
     assert "Typing :: Typed" in meta.get_all("Classifier", [])
     assert meta.get_all("Project-URL")
     assert meta["Description-Content-Type"] == "text/markdown"

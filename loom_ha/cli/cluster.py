@@ -14,14 +14,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from loom_ha.testing._process import ServerNotReadyError
-from loom_ha.testing.local_cluster import (
+from loom_ha.testing.cluster_state import (
     STATE_FILE,
     ClusterError,
     ClusterRunningError,
     ClusterState,
-    start_cluster,
     stop_cluster,
 )
+from loom_ha.testing.local_cluster import start_cluster
 
 __all__ = ["export_line", "render_cluster", "run_down", "run_up"]
 

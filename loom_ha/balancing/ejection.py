@@ -11,13 +11,14 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from loom_ha.balancing.base import (
     Balancer,
     Clock,
     HasInstanceId,
     InstanceT,
+    SnapshotCache,
     check_instances,
     positive,
 )
@@ -52,6 +53,20 @@ class EjectorStatistics:
 
 
 @dataclass
+class _View:
+    """One offered instance list as the ejector sees it; built once per distinct list."""
+
+    items: tuple[HasInstanceId, ...]
+    ids: frozenset[str]
+    version: int = -1  # of the ejected set that `remaining` was worked out for
+    remaining: tuple[HasInstanceId, ...] | None = None  # None: nothing to leave out
+
+
+def _view_of(items: tuple[HasInstanceId, ...]) -> _View:
+    return _View(items, frozenset(i.instance_id for i in items))
+
+
+@dataclass
 class _Record:
     consecutive: int = 0  # failures in a row
     ejections: int = 0  # exponent of the next window; reset after a healthy spell
@@ -71,6 +86,11 @@ class Ejector:
     out, so the ejector never empties a service: a failing instance beyond that limit stays
     in rotation (counted in `statistics().suppressed`), and if the list shrinks, the
     instances whose windows end soonest come back first.
+
+    A choice costs O(1) on top of the inner strategy's: the list without the ejected
+    instances is worked out once per instance list and ejected set (both change rarely)
+    and handed to the inner strategy as the same tuple each time, so its own per-list
+    structures stay built.
 
     Args:
         inner: the strategy choosing among instances not ejected (round robin).
@@ -110,7 +130,10 @@ class Ejector:
         self._clock = clock
         self._records: dict[str, _Record] = {}
         self._ejected: dict[str, float] = {}  # id -> until
-        self._offered: frozenset[str] = frozenset()
+        self._version = 0  # bumped whenever `_ejected` changes
+        self._next_readmission = math.inf  # the earliest `until` in `_ejected`
+        self._views = SnapshotCache(_view_of)
+        self._offered = _view_of(())  # the last list offered
         self._ejections = self._readmissions = self._suppressed = 0
 
     # -- queries -------------------------------------------------------------------------------
@@ -146,22 +169,19 @@ class Ejector:
             NoHealthyInstanceError: `instances` is empty.
         """
         check_instances(instances, "Ejector")
-        self._readmit(self._clock())
-        self._offered = frozenset(i.instance_id for i in instances)
-        self._prune(len(instances))
+        now = self._clock()
+        if now >= self._next_readmission:
+            self._readmit(now)
+        view = self._offered = self._views.get(instances)
+        if len(self._records) > 2 * len(view.items) + _PRUNE_SLACK:
+            self._prune()
         if not self._ejected:
             return self.inner.choose(instances, event)
-        present = [i for i in self._offered if i in self._ejected]
-        if not present:
+        if view.version != self._version:
+            self._leave_out(view)
+        if view.remaining is None:
             return self.inner.choose(instances, event)
-        limit = self.allowed(len(instances))
-        if len(present) > limit:
-            # Fewer instances than when they were ejected: leave out only the `limit`
-            # with the longest to go, so at least one instance always remains.
-            present.sort(key=lambda i: (self._ejected[i], i), reverse=True)
-            present = present[:limit]
-        excluded = set(present)
-        return self.inner.choose([i for i in instances if i.instance_id not in excluded], event)
+        return self.inner.choose(cast("tuple[InstanceT, ...]", view.remaining), event)
 
     def started(self, instance: HasInstanceId) -> None:
         """Passed to the inner strategy."""
@@ -184,21 +204,24 @@ class Ejector:
         rec.consecutive += 1
         if instance_id in self._ejected or rec.consecutive < self.consecutive_failures:
             return  # late failures of calls sent before the ejection do not extend it
-        ejected_now = sum(1 for i in self._ejected if i in self._offered)
-        if ejected_now >= self.allowed(len(self._offered)):
+        offered = self._offered.ids
+        ejected_now = sum(1 for i in self._ejected if i in offered)
+        if ejected_now >= self.allowed(len(offered)):
             self._suppressed += 1
             log.warning(
                 "not ejecting %s after %d failures: %d of %d instances are ejected already",
                 instance_id,
                 rec.consecutive,
                 ejected_now,
-                len(self._offered),
+                len(offered),
             )
             return
         window = min(self.base_ejection * 2.0**rec.ejections, self.max_ejection)
         rec.ejections += 1
         rec.until = now + window
         self._ejected[instance_id] = rec.until
+        self._version += 1
+        self._next_readmission = min(self._next_readmission, rec.until)
         self._ejections += 1
         log.warning(
             "ejected %s for %.1f s after %d consecutive failures",
@@ -209,9 +232,24 @@ class Ejector:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _leave_out(self, view: _View) -> None:
+        """Work out which instances of `view` to leave out under the current ejections."""
+        present = [i for i in self._ejected if i in view.ids]
+        limit = self.allowed(len(view.items))
+        if len(present) > limit:
+            # Fewer instances than when they were ejected: leave out only the `limit`
+            # with the longest to go, so at least one instance always remains.
+            present.sort(key=lambda i: (self._ejected[i], i), reverse=True)
+            present = present[:limit]
+        excluded = set(present)
+        view.remaining = (
+            tuple(i for i in view.items if i.instance_id not in excluded) if excluded else None
+        )
+        view.version = self._version
+
     def _readmit(self, now: float) -> None:
-        if not self._ejected:
-            return
+        if now < self._next_readmission:
+            return  # O(1) on every choice: nothing is due
         for instance_id, until in [(i, u) for i, u in self._ejected.items() if u <= now]:
             del self._ejected[instance_id]
             rec = self._records.get(instance_id)
@@ -220,13 +258,15 @@ class Ejector:
                 rec.until, rec.readmitted, rec.consecutive = None, until, 0
             self._readmissions += 1
             log.info("re-admitted %s after its ejection window", instance_id)
+        self._version += 1
+        self._next_readmission = min(self._ejected.values(), default=math.inf)
 
-    def _prune(self, n: int) -> None:
+    def _prune(self) -> None:
         # Keep history of ejected instances even while they are absent from the list.
-        if len(self._records) > 2 * n + _PRUNE_SLACK:
-            self._records = {
-                k: v for k, v in self._records.items() if k in self._offered or k in self._ejected
-            }
+        offered = self._offered.ids
+        self._records = {
+            k: v for k, v in self._records.items() if k in offered or k in self._ejected
+        }
 
     def __repr__(self) -> str:
         return f"<Ejector {self.inner!r} ejected={sorted(self._ejected)}>"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from bisect import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -17,10 +18,12 @@ from loom_ha.balancing.base import (
     Clock,
     HasInstanceId,
     InstanceT,
+    SnapshotCache,
     check_instances,
     positive,
     weight_of,
 )
+from loom_ha.balancing.inflight import InFlightGroups
 from loom_ha.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -37,6 +40,10 @@ __all__ = [
 
 _PRUNE_SLACK = 64
 """State of this many departed instances may linger before a choose() drops it."""
+
+_REBASE = 300.0
+"""Decay time constants after which P2C-EWMA re-anchors its running sum (exp(300) is far
+from overflowing a float)."""
 
 
 def _rng(rng: random.Random | None, seed: int | None) -> random.Random:
@@ -101,14 +108,21 @@ class WeightedRandom(BalancerBase):
 
     def __init__(self, rng: random.Random | None = None, *, seed: int | None = None) -> None:
         self._rng = _rng(rng, seed)
+        self._cumulative = SnapshotCache(_cumulative_weights)
 
     def choose(
         self, instances: Sequence[InstanceT], event: CloudEventLike | None = None
     ) -> InstanceT:
-        """A random instance, in proportion to its weight."""
+        """A random instance, in proportion to its weight (O(log n): bisect on prefix sums)."""
         check_instances(instances, "WeightedRandom")
-        cumulative = list(accumulate(weight_of(i) for i in instances))
-        return self._rng.choices(instances, cum_weights=cumulative)[0]
+        cumulative = self._cumulative.get(instances)
+        # What random.choices(cum_weights=...) does, so a seed gives the same picks as before.
+        point = self._rng.random() * cumulative[-1]
+        return instances[bisect(cumulative, point, 0, len(cumulative) - 1)]
+
+
+def _cumulative_weights(instances: Sequence[HasInstanceId]) -> list[float]:
+    return list(accumulate(weight_of(i) for i in instances))
 
 
 @dataclass
@@ -133,19 +147,26 @@ class _Learning(BalancerBase):
         return stats
 
     def _prune(self, instances: Sequence[HasInstanceId]) -> None:
-        # Instances come and go (new ids per restart): forget the departed, in bulk.
-        if len(self._stats) > 2 * len(instances) + _PRUNE_SLACK:
-            keep = {i.instance_id for i in instances}
-            self._stats = {k: v for k, v in self._stats.items() if k in keep}
+        """Forget departed instances in bulk (new ids per restart); callers do it once more
+        than ``2 * len(instances) + _PRUNE_SLACK`` are known."""
+        keep = {i.instance_id for i in instances}
+        self._stats = {k: v for k, v in self._stats.items() if k in keep}
+
+    def _moved(self, instance_id: str, before: int, after: int) -> None:
+        """The in-flight count of `instance_id` went from `before` to `after`."""
 
     def started(self, instance: HasInstanceId) -> None:
         """Count one more call in flight to `instance`."""
-        self._get(instance.instance_id).in_flight += 1
+        stats = self._get(instance.instance_id)
+        stats.in_flight += 1
+        self._moved(instance.instance_id, stats.in_flight - 1, stats.in_flight)
 
     def record(self, instance: HasInstanceId, latency: float, ok: bool) -> None:
         """Count the end of a call to `instance` (never below zero in flight)."""
         stats = self._get(instance.instance_id)
-        stats.in_flight = max(0, stats.in_flight - 1)
+        if stats.in_flight > 0:
+            stats.in_flight -= 1
+            self._moved(instance.instance_id, stats.in_flight + 1, stats.in_flight)
         stats.calls += 1
         if not ok:
             stats.failures += 1
@@ -167,22 +188,24 @@ class LeastOutstanding(_Learning):
     def __init__(self, rng: random.Random | None = None, *, seed: int | None = None) -> None:
         super().__init__()
         self._rng = _rng(rng, seed)
+        self._groups = SnapshotCache(lambda items: InFlightGroups(items, self.in_flight))
+
+    def _moved(self, instance_id: str, before: int, after: int) -> None:
+        groups = self._groups.current
+        if groups is not None:
+            groups.move(instance_id, before, after)
 
     def choose(
         self, instances: Sequence[InstanceT], event: CloudEventLike | None = None
     ) -> InstanceT:
-        """An instance with the fewest calls in flight."""
+        """An instance with the fewest calls in flight (O(1): the lowest group, at random)."""
         check_instances(instances, "LeastOutstanding")
-        self._prune(instances)
-        best: list[InstanceT] = []
-        fewest = math.inf
-        for instance in instances:
-            count = self.in_flight(instance.instance_id)
-            if count < fewest:
-                fewest, best = count, [instance]
-            elif count == fewest:
-                best.append(instance)
-        return best[0] if len(best) == 1 else best[self._rng.randrange(len(best))]
+        if len(self._stats) > 2 * len(instances) + _PRUNE_SLACK:
+            self._prune(instances)
+        fewest = self._groups.get(instances).fewest()
+        if len(fewest) == 1:
+            return instances[fewest[0]]
+        return instances[fewest[self._rng.randrange(len(fewest))]]
 
 
 class PowerOfTwoEWMA(_Learning):
@@ -225,6 +248,12 @@ class PowerOfTwoEWMA(_Learning):
         ):
             raise ConfigurationError(f"initial_latency must be >= 0, got {initial_latency!r}")
         self.initial_latency = initial_latency
+        # Every estimate decays by the same factor per second, so the sum of the decayed
+        # estimates is `_scaled * exp(-(now - _origin) / decay)`: the mean that unmeasured
+        # instances get costs O(1) instead of a pass over every instance.
+        self._origin = -math.inf  # the first record() rebases
+        self._scaled = 0.0  # sum of ewma * exp((stamp - origin) / decay), measured instances
+        self._measured = 0
 
     def record(self, instance: HasInstanceId, latency: float, ok: bool) -> None:
         """Count the end of a call and fold its latency into the instance's EWMA."""
@@ -233,12 +262,29 @@ class PowerOfTwoEWMA(_Learning):
         sample = max(0.0, latency) if ok else max(latency, self.failure_latency)
         now = self._clock()
         current = self._decayed(stats, now)
+        if current is None:
+            self._measured += 1
+        else:
+            self._scaled -= self._scaled_term(stats)
         if current is None or sample >= current:
             stats.ewma = sample  # peak: slowness shows at once
         else:
             w = math.exp(-max(0.0, now - stats.stamp) / self.decay)
             stats.ewma = current * w + sample * (1.0 - w)
         stats.stamp = now
+        if now - self._origin > _REBASE * self.decay:
+            self._rebase(now)  # keeps the exponents in range (and sheds rounding error)
+        else:
+            self._scaled += self._scaled_term(stats)
+
+    def _scaled_term(self, stats: _Stats) -> float:
+        return (stats.ewma or 0.0) * math.exp((stats.stamp - self._origin) / self.decay)
+
+    def _rebase(self, now: float) -> None:
+        self._origin = now
+        measured = [s for s in self._stats.values() if s.ewma is not None]
+        self._measured = len(measured)
+        self._scaled = math.fsum(self._scaled_term(s) for s in measured)
 
     def _decayed(self, stats: _Stats, now: float) -> float | None:
         if stats.ewma is None:
@@ -250,34 +296,48 @@ class PowerOfTwoEWMA(_Learning):
         stats = self._stats.get(instance_id)
         return None if stats is None else self._decayed(stats, self._clock())
 
-    def _cost(self, instance: HasInstanceId, now: float) -> tuple[float, int]:
-        stats = self._stats.get(instance.instance_id)
-        in_flight = stats.in_flight if stats else 0
-        estimate = self._decayed(stats, now) if stats else None
-        if estimate is None:
+    def _cost(self, stats: _Stats | None, now: float) -> float:
+        if stats is None:
+            return self._default(now)
+        if stats.ewma is None:
             estimate = self._default(now)
-        # The in-flight count breaks ties while nothing has been measured (estimates 0).
-        return estimate * (in_flight + 1), in_flight
+        else:
+            estimate = stats.ewma * math.exp(-max(0.0, now - stats.stamp) / self.decay)
+        return estimate * (stats.in_flight + 1)
 
     def _default(self, now: float) -> float:
         if self.initial_latency is not None:
             return self.initial_latency
-        known = [e for s in self._stats.values() if (e := self._decayed(s, now)) is not None]
-        return sum(known) / len(known) if known else 0.0
+        if not self._measured:
+            return 0.0
+        factor = math.exp(-max(0.0, now - self._origin) / self.decay)
+        return max(0.0, self._scaled * factor / self._measured)
 
     def choose(
         self, instances: Sequence[InstanceT], event: CloudEventLike | None = None
     ) -> InstanceT:
         """The cheaper of two distinct instances sampled at random."""
         check_instances(instances, "PowerOfTwoEWMA")
-        self._prune(instances)
         n = len(instances)
+        if len(self._stats) > 2 * n + _PRUNE_SLACK:
+            self._prune(instances)
+            self._rebase(self._clock())
         if n == 1:
             return instances[0]
-        first = self._rng.randrange(n)
-        second = self._rng.randrange(n - 1)
+        # Two draws of random() are uniform enough for any list size (53-bit floats) and
+        # cost a third of two randrange() calls.
+        draw = self._rng.random
+        first = int(draw() * n)
+        second = int(draw() * (n - 1))
         if second >= first:
             second += 1  # two distinct, uniformly
         now = self._clock()
         a, b = instances[first], instances[second]
-        return b if self._cost(b, now) < self._cost(a, now) else a
+        sa, sb = self._stats.get(a.instance_id), self._stats.get(b.instance_id)
+        ca, cb = self._cost(sa, now), self._cost(sb, now)
+        if cb < ca:
+            return b
+        # The in-flight count breaks ties while nothing has been measured (estimates 0).
+        if cb == ca and (sb.in_flight if sb else 0) < (sa.in_flight if sa else 0):
+            return b
+        return a

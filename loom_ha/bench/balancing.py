@@ -1,6 +1,8 @@
 """What routing costs and what it buys: balancer overhead and scaling across instance processes.
 
 * Strategy cost: one ``choose`` + ``started`` + ``record`` per request, pure CPU.
+* Decision cost: ``choose`` alone, and the whole cycle, at 10, 100 and 1,000 instances,
+  every strategy bare and inside an `Ejector` (``python -m loom_ha.bench.balancing``).
 * Routing overhead: request/reply round trips through `BalancedTransport` (registry
   lookup, balancer, inbox publish, reply bookkeeping) beside the same requests sent
   straight to the broker group, same broker, same process.
@@ -10,16 +12,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
+import random
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from loom_ha.balancing import Balancer, LeastOutstanding
+from loom_ha.balancing import Balancer, Ejector, LeastOutstanding
 from loom_ha.bench.core import BenchRow
 from loom_ha.discovery import MemoryRegistry, MemoryStore, ServiceInstance
 from loom_ha.event import CloudEvent
@@ -51,6 +56,97 @@ def strategy_rows(calls: int = 50_000, instances: int = 3) -> list[BenchRow]:
         micros = (time.perf_counter() - started) / calls * 1e6
         rows.append(BenchRow(f"strategy {name}", "µs/request", micros, None, "-", False))
     return rows
+
+
+DECISION_SIZES = (10, 100, 1_000)
+WRAPPINGS = ("bare", "in Ejector", "in Ejector, 1% ejected")
+
+
+def _pool(size: int) -> tuple[ServiceInstance, ...]:
+    """`size` instances sorted by id with weights 1-4, as the routing layer hands them over."""
+    return tuple(
+        ServiceInstance(service="bench", instance_id=f"i{k:05d}", weight=1 + k % 4)
+        for k in range(size)
+    )
+
+
+def _prepared(name: str, wrapping: str, pool: Sequence[ServiceInstance]) -> Balancer:
+    """A balancer in a steady state: every instance measured, some calls in flight, and
+    with ``1% ejected`` one instance in a hundred (at least one) ejected."""
+    strategy = balancer_named(name, eject=False)
+    balancer: Balancer = strategy
+    if wrapping != "bare":
+        balancer = Ejector(strategy, consecutive_failures=3, base_ejection=300.0)
+    rng = random.Random(7)
+    balancer.choose(pool)
+    for instance in pool:
+        balancer.started(instance)
+        balancer.record(instance, rng.uniform(0.001, 0.010), True)
+        for _ in range(rng.randrange(3)):
+            balancer.started(instance)  # left in flight
+    if wrapping.endswith("ejected"):
+        logger = logging.getLogger("loom_ha.balancing")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # the staged ejections are expected
+        try:
+            for instance in pool[:: 100 if len(pool) >= 100 else len(pool)]:
+                for _ in range(3):
+                    balancer.record(instance, 0.001, False)
+        finally:
+            logger.setLevel(level)
+    return balancer
+
+
+def _per_call(run: Callable[[int], None], rounds: int = 25, budget: float = 0.005) -> float:
+    """Microseconds per call: the best of `rounds` runs of about `budget` seconds each, in
+    CPU time of this thread (the time a choice takes from the event loop; other processes
+    on a busy machine then do not count, and short runs let the best one go unpreempted)."""
+    clock = time.thread_time
+    begin = clock()
+    run(50)
+    calls = max(50, min(200_000, int(budget / max(1e-9, (clock() - begin) / 50))))
+    best = float("inf")
+    for _ in range(rounds):
+        begin = clock()
+        run(calls)
+        best = min(best, (clock() - begin) / calls)
+    return best * 1e6
+
+
+def decision_cost(name: str, wrapping: str, size: int) -> tuple[float, float]:
+    """(µs per ``choose``, µs per ``choose`` + ``started`` + ``record``) of one strategy."""
+    pool = _pool(size)
+    events = [CloudEvent.create(source="/b", type="t", subject=f"s{n}") for n in range(997)]
+    balancer = _prepared(name, wrapping, pool)
+    cycle = len(events)
+
+    def choose(calls: int) -> None:
+        pick = balancer.choose
+        for n in range(calls):
+            pick(pool, events[n % cycle])
+
+    def full(calls: int) -> None:
+        pick, started, record = balancer.choose, balancer.started, balancer.record
+        for n in range(calls):
+            chosen = pick(pool, events[n % cycle])
+            started(chosen)
+            record(chosen, 0.005, True)
+
+    return _per_call(choose), _per_call(full)
+
+
+def decision_rows(sizes: Sequence[int] = DECISION_SIZES) -> list[BenchRow]:
+    """One row per strategy, wrapping and size: µs per ``choose`` (the whole cycle with
+    ``started`` and ``record`` is printed by ``python -m loom_ha.bench.balancing``)."""
+    return [
+        BenchRow(
+            f"decision {name} {wrapping}, {size:,} instances", "µs/choose",
+            decision_cost(name, wrapping, size)[0], None, "-", False,
+        )
+        for name in STRATEGY_NAMES
+        for wrapping in WRAPPINGS
+        for size in sizes
+    ]  # fmt: skip
 
 
 class _Client:
@@ -216,7 +312,7 @@ async def balancing_rows(url: str | None, calls: int) -> list[BenchRow]:
     from loom_ha.testing.nats_servers import NatsServer
     from loom_ha.testing.redis_servers import RedisServer
 
-    rows = strategy_rows()
+    rows = strategy_rows() + decision_rows()
     with RedisServer() as redis_server, NatsServer() as nats_server:
         redis_url = url or redis_server.url
         rows += await overhead_rows(lambda: RedisPubSubTransport(redis_url), "redis pubsub", calls)
@@ -226,3 +322,26 @@ async def balancing_rows(url: str | None, calls: int) -> list[BenchRow]:
             f"{nats_url}?mode=core", redis_url, calls=calls // 2, work_ms=5.0
         )
     return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the decision costs as a matrix (no server needed)."""
+    parser = argparse.ArgumentParser(prog="python -m loom_ha.bench.balancing")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DECISION_SIZES))
+    args = parser.parse_args(argv)
+    sizes = args.sizes
+    print("µs per choose (µs per choose + started + record), CPU time, best of 25 runs")
+    print(f"{'strategy':<20} {'wrapping':<24}" + "".join(f"{n:>18,}" for n in sizes))
+    for name in STRATEGY_NAMES:
+        for wrapping in WRAPPINGS:
+            cells = [decision_cost(name, wrapping, n) for n in sizes]
+            print(
+                f"{name:<20} {wrapping:<24}"
+                + "".join(f"{f'{c:.2f} ({y:.2f})':>18}" for c, y in cells),
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

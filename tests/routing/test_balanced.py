@@ -312,10 +312,16 @@ async def test_round_robin_is_exact_over_ten_thousand_requests(cluster: Cluster)
 async def test_learning_strategies_send_less_to_a_slow_instance(
     cluster: Cluster, strategy: Callable[[], Balancer]
 ) -> None:
-    """One of 4 instances takes 20 ms per request, the others 1 ms: it gets far less."""
+    """One of 4 instances takes 200 ms per request, the others 1 ms: it gets far less.
+
+    The strategies see whole round trips, not handler time: on a loaded 2-core machine a
+    round trip through the broker takes 10-20 ms, which made a 20 ms handler look only ~2x
+    slower and the slow instance's share depend on the machine's load (seen: 218 of 2,000).
+    200 ms keeps it ten times slower than any round trip seen here, loaded or not.
+    """
 
     async def slow(name: str, event: Any) -> None:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
 
     async def quick(name: str, event: Any) -> None:
         await asyncio.sleep(0.001)

@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.topics import TopicPattern, parse_pattern
+from loom_ha.tracing import start_delivery
 
 log = logging.getLogger("loom_ha.handlers")
 
@@ -76,10 +77,12 @@ async def invoke(
     why). Exceptions are logged and counted, never raised. `CancelledError` propagates
     when the calling task is being cancelled, also when the handler swallowed it; one the
     handler raised on its own (it awaited something that was cancelled) is a handler
-    error like any other, so it cannot end a delivery loop.
+    error like any other, so it cannot end a delivery loop. With a tracer provider set, the
+    call runs inside its delivery span (`loom_ha.tracing`).
     """
+    traced = start_delivery(topic, event, handler)  # None unless a tracer provider is set
     try:
-        result = handler(event)
+        result = handler(event) if traced is None else traced(event)
         # Most handlers are coroutine functions: skip isawaitable()'s ABC checks for them.
         if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
             await result

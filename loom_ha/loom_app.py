@@ -15,6 +15,7 @@ from loom.api.main import LoomApp
 from loom.protocol.cloudevents import CloudEvent
 
 from loom_ha.errors import NodeError
+from loom_ha.tracing import operation
 
 DEFAULT_RUN_TIMEOUT = 30.0
 """Seconds `run()` waits for a reply when no interceptor set ``extensions["timeout"]`` (Loom's)."""
@@ -68,28 +69,31 @@ class HALoomApp(LoomApp):  # type: ignore[misc]  # loom ships no type informatio
         """
         await self.start()
         request_id = str(uuid4())
-        event = CloudEvent.create(
-            source="/user/sdk", type="node.request", data={"task": task}, subject=target
-        )
-        event.id = request_id
-        subject = target.strip("/")
-        route = self._routes.get(subject)
-        if route is None:
-            route = self._routes[subject] = _ReplyRoute(subject)
-        reply = route.expect(request_id, target)
-        try:
-            await route.open(self.bus)
-            await _dispatch_honouring_cancel(self.dispatcher, event)
-            timeout = _timeout_of(event)
+        # With a tracer provider set, the root of the call's trace (loom_ha.tracing).
+        with operation(f"run {target}", {"loom.target": target, "loom.request_id": request_id}):
+            event = CloudEvent.create(
+                source="/user/sdk", type="node.request", data={"task": task}, subject=target
+            )
+            event.id = request_id
+            subject = target.strip("/")
+            route = self._routes.get(subject)
+            if route is None:
+                route = self._routes[subject] = _ReplyRoute(subject)
+            reply = route.expect(request_id, target)
             try:
-                async with asyncio.timeout(timeout):
-                    return await reply
-            except TimeoutError:
-                raise TimeoutError(f"Task targeting {target} timed out after {timeout}s") from None
-        finally:
-            await route.close(self.bus, request_id)
-            if route.idle and self._routes.get(subject) is route:
-                del self._routes[subject]
+                await route.open(self.bus)
+                await _dispatch_honouring_cancel(self.dispatcher, event)
+                timeout = _timeout_of(event)
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await reply
+                except TimeoutError:
+                    message = f"Task targeting {target} timed out after {timeout}s"
+                    raise TimeoutError(message) from None
+            finally:
+                await route.close(self.bus, request_id)
+                if route.idle and self._routes.get(subject) is route:
+                    del self._routes[subject]
 
 
 class _ReplyRoute:

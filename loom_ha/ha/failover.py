@@ -39,6 +39,7 @@ from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.retry import RECOVERY, RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
+from loom_ha.tracing import end_span, start_publish
 from loom_ha.transport import (
     Transport,
     TransportState,
@@ -264,6 +265,9 @@ class HATransport(Transport):
     ) -> None:
         """Publish now, or per the outbox policy while the broker is away.
 
+        The one place loom-ha traces publishing: with a tracer provider set, the call is a
+        PRODUCER span whose context the event carries (`loom_ha.tracing`).
+
         Args:
             policy: overrides the outbox policy for this call.
             timeout: overrides the BLOCK timeout for this call.
@@ -271,16 +275,25 @@ class HATransport(Transport):
         if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
             require_connected(self._state, "ha")
         validate_topic(topic)
-        if self._state is TransportState.CONNECTED and self._outbox.depth == 0:
-            try:
-                await self._inner.publish(topic, event)
-                self.published += 1
-                return
-            except Exception as exc:
-                if not _broker_failure(exc):
-                    raise
-                self._start_recovery(exc)
-        await self._outbox.put(topic, event, policy=policy, timeout=timeout)
+        span = start_publish(topic, event)  # None unless a tracer provider is configured
+        error: BaseException | None = None
+        try:
+            if self._state is TransportState.CONNECTED and self._outbox.depth == 0:
+                try:
+                    await self._inner.publish(topic, event)
+                    self.published += 1
+                    return
+                except Exception as exc:
+                    if not _broker_failure(exc):
+                        raise
+                    self._start_recovery(exc)
+            await self._outbox.put(topic, event, policy=policy, timeout=timeout)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if span is not None:
+                end_span(span, error)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

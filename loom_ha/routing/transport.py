@@ -28,7 +28,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.retry import ROUTED_BUDGET, RetryPolicy, backoff_delay
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
+from loom_ha.tracing import activated, capture, end_span, start_attempt
 from loom_ha.transport import Transport, TransportState, TransportStatistics
 
 __all__ = [
@@ -92,6 +93,8 @@ class _Request:
     instance: ServiceInstance | None = None
     sent_at: float = 0.0
     tried: list[str] = field(default_factory=list)
+    trace: Any = None  # the caller's trace context (loom_ha.tracing), for later attempts
+    span: Any = None  # the current attempt's span
 
 
 class BalancedTransport(Transport):
@@ -153,6 +156,10 @@ class BalancedTransport(Transport):
         self._unwatch_state: Callable[[], None] | None = None
         self._listening: set[str] = set()  # request topics whose replies we follow
         self._pending: dict[str, _Request] = {}
+        # Per request topic: (the directory's snapshot, its instances serving the topic).
+        self._serving_of: dict[
+            str, tuple[tuple[ServiceInstance, ...], tuple[ServiceInstance, ...]]
+        ] = {}
         self._deadlines: deque[tuple[float, _Request, int]] = deque()
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
@@ -209,6 +216,8 @@ class BalancedTransport(Transport):
                 self._directory.clear()
             self._served.clear()
             self._listening.clear()
+            for request in self._pending.values():
+                end_span(request.span, "disconnected before a reply")
             self._pending.clear()
             self._deadlines.clear()
             await self.inner.disconnect()
@@ -315,7 +324,7 @@ class BalancedTransport(Transport):
         known = self._directory.cached(service)
         if known is None:
             known = await self._directory.instances(service)
-        instances = [i for i in known if i.meta.get("topic") == topic]
+        instances = self._serving(topic, known)
         if not instances:
             self.unrouted += 1
             await self.inner.publish(topic, event)
@@ -325,7 +334,11 @@ class BalancedTransport(Transport):
         now = time.monotonic()
         budget = self.budget_seconds
         request = _Request(
-            topic, event, service, expires=now + budget if budget is not None else float("inf")
+            topic,
+            event,
+            service,
+            expires=now + budget if budget is not None else float("inf"),
+            trace=capture(),  # None unless a tracer provider is configured
         )
         self._pending[str(event.id)] = request
         self.routed += 1
@@ -345,14 +358,29 @@ class BalancedTransport(Transport):
         if self._timer is None or self._timer.done():
             self._timer = self._tasks.spawn(self._expire_attempts(), name="attempt-timer")
 
-    def _choose(self, request: _Request, instances: list[ServiceInstance]) -> ServiceInstance:
+    def _serving(
+        self, topic: str, known: tuple[ServiceInstance, ...]
+    ) -> tuple[ServiceInstance, ...]:
+        """The instances of `known` serving `topic`: the same tuple for as long as the
+        directory's snapshot is, so the balancer's per-list structures stay built."""
+        cached = self._serving_of.get(topic)
+        if cached is None or cached[0] is not known:
+            cached = self._serving_of[topic] = (
+                known,
+                tuple(i for i in known if i.meta.get("topic") == topic),
+            )
+        return cached[1]
+
+    def _choose(self, request: _Request, instances: Sequence[ServiceInstance]) -> ServiceInstance:
         """Prefer instances this request has not tried; never the one that just failed."""
+        if not request.tried:
+            return self.balancer.choose(instances, request.event)
         fresh = [i for i in instances if i.instance_id not in request.tried]
         if not fresh and request.tried:
             fresh = [i for i in instances if i.instance_id != request.tried[-1]]
         return self.balancer.choose(fresh or instances, request.event)
 
-    async def _send(self, request: _Request, instances: list[ServiceInstance]) -> None:
+    async def _send(self, request: _Request, instances: Sequence[ServiceInstance]) -> None:
         """Send one attempt; on a broker failure, the next attempt while budget remains."""
         while True:
             instance = self._choose(request, instances)
@@ -360,6 +388,9 @@ class BalancedTransport(Transport):
             request.instance = instance
             request.tried.append(instance.instance_id)
             request.sent_at = time.monotonic()
+            request.span = start_attempt(
+                request.trace, request.topic, request.event, instance.instance_id, request.attempt
+            )
             self.balancer.started(instance)
             if not self._deadlines:
                 self._wake.set()  # the timer sleeps until the first deadline: this one
@@ -373,10 +404,11 @@ class BalancedTransport(Transport):
                 # Not bounded here (an asyncio.timeout per request costs ~20 µs): a publish
                 # the HA outbox holds is bounded by its timeout, and meanwhile the attempt
                 # timer sends the request to another instance when the attempt expires.
-                await self.inner.publish(inbox, request.event)
+                with activated(request.span):
+                    await self.inner.publish(inbox, request.event)
                 return
             except (Exception, asyncio.CancelledError) as exc:
-                self._finish_attempt(request, ok=False)
+                self._finish_attempt(request, ok=False, why=exc)
                 if isinstance(exc, asyncio.CancelledError) or not self._may_retry(request, exc):
                     raise
                 self.retries += 1
@@ -392,12 +424,16 @@ class BalancedTransport(Transport):
             return False
         return request.attempt < self.attempts and time.monotonic() < request.expires
 
-    def _finish_attempt(self, request: _Request, *, ok: bool) -> None:
-        """Tell the balancer how the current attempt ended (once per attempt)."""
+    def _finish_attempt(
+        self, request: _Request, *, ok: bool, why: BaseException | str = "failed"
+    ) -> None:
+        """Tell the balancer (and the attempt's span) how the attempt ended (once per attempt)."""
         instance = request.instance
         if instance is not None:
             request.instance = None
             self.balancer.record(instance, time.monotonic() - request.sent_at, ok)
+            end_span(request.span, None if ok else why)
+            request.span = None
 
     async def _on_reply(self, reply: Any) -> None:
         request_id = self.routes.request_id(reply)
@@ -405,7 +441,8 @@ class BalancedTransport(Transport):
         if request is None:
             return
         self.replies += 1
-        self._finish_attempt(request, ok=not self.routes.is_error(str(reply.type)))
+        ok = not self.routes.is_error(str(reply.type))
+        self._finish_attempt(request, ok=ok, why="the instance replied with an error")
 
     async def _expire_attempts(self) -> None:
         """Retry attempts that got no reply in time (deadlines arrive in order)."""
@@ -436,12 +473,12 @@ class BalancedTransport(Transport):
     async def _retry(self, request: _Request, *, reason: str) -> None:
         """End the current attempt as failed; try another instance or give up."""
         failed = request.instance
-        self._finish_attempt(request, ok=False)
+        self._finish_attempt(request, ok=False, why=reason)
         request_id = str(request.event.id)
-        instances: list[ServiceInstance] = []
+        instances: Sequence[ServiceInstance] = ()
         if self._may_retry(request, None) and self._directory is not None:
             found = await self._directory.instances(request.service)
-            instances = [i for i in found if i.meta.get("topic") == request.topic]
+            instances = self._serving(request.topic, found)
         if not instances:
             self._pending.pop(request_id, None)
             self.abandoned += 1

@@ -26,10 +26,7 @@ import dataclasses
 import logging
 import os
 import socket
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from typing_extensions import override
@@ -43,13 +40,12 @@ from loom_ha.errors import (
     ConfigurationError,
     RegistryError,
     RegistryUnavailableError,
-    TransientError,
 )
 from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
 from loom_ha.retry import ROUTED_BUDGET, RetryPolicy, backoff_delay
 from loom_ha.routing.directory import InstanceDirectory
+from loom_ha.routing.requests import RequestRouter
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
-from loom_ha.tracing import activated, capture, end_span, start_attempt
 from loom_ha.transport import Transport, TransportState, TransportStatistics
 
 __all__ = [
@@ -79,22 +75,6 @@ def default_instance_id() -> str:
     return os.environ.get("LOOM_HA_INSTANCE_ID") or service_name(
         f"{socket.gethostname()}-{os.getpid()}"
     )
-
-
-@dataclass(eq=False)
-class _Request:
-    """One request in flight from this process."""
-
-    topic: str
-    event: Any
-    service: str
-    expires: float  # end of the whole budget (monotonic)
-    attempt: int = 0
-    instance: ServiceInstance | None = None
-    sent_at: float = 0.0
-    tried: list[str] = field(default_factory=list)
-    trace: Any = None  # the caller's trace context (loom_ha.tracing), for later attempts
-    span: Any = None  # the current attempt's span
 
 
 class BalancedTransport(Transport):
@@ -145,27 +125,26 @@ class BalancedTransport(Transport):
         self.weight = weight
         self._dedup: DedupWindow | None = MemoryDedup() if dedup is True else (dedup or None)
         self._tasks = TaskSupervisor("loom_ha.routing")
-        self._directory = (
-            InstanceDirectory(registry, self._tasks, on_departed=self._departed)
-            if registry is not None
-            else None
-        )
+        self._directory: InstanceDirectory | None = None
+        self._requests: RequestRouter | None = None  # the calling side, with a registry
+        if registry is not None:
+            self._directory = InstanceDirectory(registry, self._tasks, on_departed=self._departed)
+            self._requests = RequestRouter(
+                inner,
+                self._directory,
+                self.balancer,
+                routes,
+                self._tasks,
+                attempt_timeout=attempt_timeout,
+                attempts=budget.attempts or 1,
+                budget_seconds=budget.timeout,
+            )
         self._served: dict[tuple[str, Handler], Handler] = {}
         self._registrations: dict[str, Registration] = {}
         self._registering: set[str] = set()  # registrations retried in the background
         self._unwatch_state: Callable[[], None] | None = None
-        self._listening: set[str] = set()  # request topics whose replies we follow
-        self._pending: dict[str, _Request] = {}
-        # Per request topic: (the directory's snapshot, its instances serving the topic).
-        self._serving_of: dict[
-            str, tuple[tuple[ServiceInstance, ...], tuple[ServiceInstance, ...]]
-        ] = {}
-        self._deadlines: deque[tuple[float, _Request, int]] = deque()
-        self._wake = asyncio.Event()
-        self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self.routed = self.unrouted = self.retries = self.timeouts = 0
-        self.replies = self.abandoned = self.duplicates_dropped = 0
+        self.duplicates_dropped = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -211,15 +190,11 @@ class BalancedTransport(Transport):
                 self._unwatch_state = None
             self._registrations.clear()
             await self._tasks.aclose()
-            self._timer = None
             if self._directory is not None:
                 self._directory.clear()
+            if self._requests is not None:
+                self._requests.clear()
             self._served.clear()
-            self._listening.clear()
-            for request in self._pending.values():
-                end_span(request.span, "disconnected before a reply")
-            self._pending.clear()
-            self._deadlines.clear()
             await self.inner.disconnect()
 
     @override
@@ -316,202 +291,16 @@ class BalancedTransport(Transport):
 
     @override
     async def publish(self, topic: str, event: Any) -> None:
-        path = self.routes.target(topic) if self._directory is not None else None
-        if path is None or self._directory is None:
+        path = self.routes.target(topic) if self._requests is not None else None
+        if path is None or self._requests is None:
             await self.inner.publish(topic, event)
             return
-        service = self.routes.service(path)
-        known = self._directory.cached(service)
-        if known is None:
-            known = await self._directory.instances(service)
-        instances = self._serving(topic, known)
-        if not instances:
-            self.unrouted += 1
-            await self.inner.publish(topic, event)
-            return
-        if topic not in self._listening:
-            await self._follow_replies(topic)
-        now = time.monotonic()
-        budget = self.budget_seconds
-        request = _Request(
-            topic,
-            event,
-            service,
-            expires=now + budget if budget is not None else float("inf"),
-            trace=capture(),  # None unless a tracer provider is configured
-        )
-        self._pending[str(event.id)] = request
-        self.routed += 1
-        try:
-            await self._send(request, instances)
-        except BaseException:
-            self._pending.pop(str(event.id), None)
-            raise
-
-    async def _follow_replies(self, topic: str) -> None:
-        async with self._lock:
-            if topic in self._listening:
-                return
-            for reply_topic in self.routes.replies(topic):
-                await self.inner.subscribe(reply_topic, self._on_reply)
-            self._listening.add(topic)
-        if self._timer is None or self._timer.done():
-            self._timer = self._tasks.spawn(self._expire_attempts(), name="attempt-timer")
-
-    def _serving(
-        self, topic: str, known: tuple[ServiceInstance, ...]
-    ) -> tuple[ServiceInstance, ...]:
-        """The instances of `known` serving `topic`: the same tuple for as long as the
-        directory's snapshot is, so the balancer's per-list structures stay built."""
-        cached = self._serving_of.get(topic)
-        if cached is None or cached[0] is not known:
-            cached = self._serving_of[topic] = (
-                known,
-                tuple(i for i in known if i.meta.get("topic") == topic),
-            )
-        return cached[1]
-
-    def _choose(self, request: _Request, instances: Sequence[ServiceInstance]) -> ServiceInstance:
-        """Prefer instances this request has not tried; never the one that just failed."""
-        if not request.tried:
-            return self.balancer.choose(instances, request.event)
-        fresh = [i for i in instances if i.instance_id not in request.tried]
-        if not fresh and request.tried:
-            fresh = [i for i in instances if i.instance_id != request.tried[-1]]
-        return self.balancer.choose(fresh or instances, request.event)
-
-    async def _send(self, request: _Request, instances: Sequence[ServiceInstance]) -> None:
-        """Send one attempt; on a broker failure, the next attempt while budget remains."""
-        while True:
-            instance = self._choose(request, instances)
-            request.attempt += 1
-            request.instance = instance
-            request.tried.append(instance.instance_id)
-            request.sent_at = time.monotonic()
-            request.span = start_attempt(
-                request.trace, request.topic, request.event, instance.instance_id, request.attempt
-            )
-            self.balancer.started(instance)
-            if not self._deadlines:
-                self._wake.set()  # the timer sleeps until the first deadline: this one
-            self._deadlines.append(
-                (request.sent_at + self.attempt_timeout, request, request.attempt)
-            )
-            inbox = instance.meta.get("inbox") or self.routes.inbox(
-                request.topic, instance.instance_id
-            )
-            try:
-                # Not bounded here (an asyncio.timeout per request costs ~20 µs): a publish
-                # the HA outbox holds is bounded by its timeout, and meanwhile the attempt
-                # timer sends the request to another instance when the attempt expires.
-                with activated(request.span):
-                    await self.inner.publish(inbox, request.event)
-                return
-            except (Exception, asyncio.CancelledError) as exc:
-                self._finish_attempt(request, ok=False, why=exc)
-                if isinstance(exc, asyncio.CancelledError) or not self._may_retry(request, exc):
-                    raise
-                self.retries += 1
-                log.info(
-                    "request %s: send to %s failed (%s), retrying",
-                    request.event.id,
-                    instance.instance_id,
-                    exc,
-                )
-
-    def _may_retry(self, request: _Request, exc: BaseException | None) -> bool:
-        if exc is not None and not isinstance(exc, TransientError | TimeoutError):
-            return False
-        return request.attempt < self.attempts and time.monotonic() < request.expires
-
-    def _finish_attempt(
-        self, request: _Request, *, ok: bool, why: BaseException | str = "failed"
-    ) -> None:
-        """Tell the balancer (and the attempt's span) how the attempt ended (once per attempt)."""
-        instance = request.instance
-        if instance is not None:
-            request.instance = None
-            self.balancer.record(instance, time.monotonic() - request.sent_at, ok)
-            end_span(request.span, None if ok else why)
-            request.span = None
-
-    async def _on_reply(self, reply: Any) -> None:
-        request_id = self.routes.request_id(reply)
-        request = self._pending.pop(request_id, None) if request_id is not None else None
-        if request is None:
-            return
-        self.replies += 1
-        ok = not self.routes.is_error(str(reply.type))
-        self._finish_attempt(request, ok=ok, why="the instance replied with an error")
-
-    async def _expire_attempts(self) -> None:
-        """Retry attempts that got no reply in time (deadlines arrive in order)."""
-        deadlines = self._deadlines
-        while True:
-            if not deadlines:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            deadline, request, attempt = deadlines[0]
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                self._wake.clear()  # woken early when `_departed` puts a deadline first
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-                continue
-            deadlines.popleft()
-            if request.attempt == attempt and self._pending.get(str(request.event.id)) is request:
-                self.timeouts += 1
-                try:
-                    await self._retry(request, reason=f"no reply in {self.attempt_timeout:g} s")
-                except Exception:  # keep the timer alive for every other request
-                    log.exception("retrying request %s failed", request.event.id)
-                    self._pending.pop(str(request.event.id), None)
-                    self.abandoned += 1
-
-    async def _retry(self, request: _Request, *, reason: str) -> None:
-        """End the current attempt as failed; try another instance or give up."""
-        failed = request.instance
-        self._finish_attempt(request, ok=False, why=reason)
-        request_id = str(request.event.id)
-        instances: Sequence[ServiceInstance] = ()
-        if self._may_retry(request, None) and self._directory is not None:
-            found = await self._directory.instances(request.service)
-            instances = self._serving(request.topic, found)
-        if not instances:
-            self._pending.pop(request_id, None)
-            self.abandoned += 1
-            log.warning(
-                "request %s to %s: giving up after %d attempt(s) (%s)",
-                request_id,
-                request.topic,
-                request.attempt,
-                reason,
-            )
-            return
-        self.retries += 1
-        log.info(
-            "request %s: %s from %s, retrying",
-            request_id,
-            reason,
-            failed.instance_id if failed else "?",
-        )
-        try:
-            await self._send(request, instances)
-        except Exception as exc:
-            self._pending.pop(request_id, None)
-            self.abandoned += 1
-            log.warning("request %s: retry failed: %s", request_id, exc)
+        await self._requests.publish(topic, path, event)
 
     def _departed(self, service: str, gone: frozenset[str]) -> None:
         """Instances left the registry: their attempts in flight fail now, not at timeout."""
-        now = time.monotonic()
-        for request in self._pending.values():
-            current = request.instance
-            if request.service == service and current and current.instance_id in gone:
-                self._deadlines.appendleft((now, request, request.attempt))
-        self._wake.set()
+        if self._requests is not None:
+            self._requests.departed(service, gone)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -527,17 +316,10 @@ class BalancedTransport(Transport):
     def statistics(self) -> TransportStatistics:
         stats = self.inner.statistics()
         extra = dict(stats.extra or {})
-        extra.update(
-            instance_id=self.instance_id,
-            routed=self.routed,
-            unrouted=self.unrouted,
-            retries=self.retries,
-            attempt_timeouts=self.timeouts,
-            abandoned=self.abandoned,
-            replies=self.replies,
-            in_flight=len(self._pending),
-            registered=sorted(self._registrations),
-        )
+        extra["instance_id"] = self.instance_id
+        requests = self._requests
+        extra.update(requests.statistics() if requests is not None else RequestRouter.NONE_SENT)
+        extra["registered"] = sorted(self._registrations)
         if isinstance(self.balancer, Ejector):
             extra["ejected"] = list(self.balancer.statistics().ejected)
         return dataclasses.replace(

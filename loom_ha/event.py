@@ -156,13 +156,17 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
     extensions: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
     data: Any = None
     data_base64: bytes | None = None
+    # Last (encode fills the fields above by position) and never encoded from here: an extra
+    # attribute of the event, named only so that decoding it stays on the strict, fast path
+    # (W3C tracing writes it beside traceparent, loom_ha.tracing).
+    tracestate: str | msgspec.UnsetType = msgspec.UNSET
 
 
 _WIRE_NAMES = frozenset(_Wire.__struct_fields__)
 _FIELDS = tuple(CloudEvent.model_fields)
 _FIELD_SET = frozenset(_FIELDS)
 _NULLABLE = ("datacontenttype", "dataschema", "subject")
-_RESERVED = _WIRE_NAMES | _FIELD_SET
+_RESERVED = (_WIRE_NAMES - {"tracestate"}) | _FIELD_SET  # tracestate is written as an extra
 _BINARY = (bytes, bytearray, memoryview)
 _INT32 = range(-(1 << 31), 1 << 31)
 _UNSET = msgspec.UNSET
@@ -335,6 +339,8 @@ class EventCodec(Generic[E]):
             "traceparent": w.traceparent,
             "extensions": ext,
         }
+        if w.tracestate is not _UNSET:
+            extras = {**extras, "tracestate": w.tracestate}
         if w.loomextra is not None or w.extensions is not _UNSET:
             _loom_attrs(w, values, extras)
         if not self._fast:

@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds", type=int, default=5, help="alternating runs of each side; medians shown (5)"
     )
+    bench.add_argument(
+        "--soak",
+        action="store_true",
+        help="sequential app.run calls: runs/s and RSS, first vs last",
+    )
+    bench.add_argument("--calls", type=int, default=100_000, help="--soak: HALoomApp calls")
+    bench.add_argument(
+        "--upstream", type=int, default=2_000, help="--soak: upstream LoomApp calls (0: skip)"
+    )
+    bench.add_argument("--mode", default=None, help="--soak: delivery mode of a started broker")
+    bench.add_argument(
+        "--keep-events", action="store_true", help="--soak: Loom's default store (keeps all)"
+    )
     chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
     chaos.add_argument("--broker", choices=["redis", "nats"], default="redis")
     chaos.add_argument("--events", type=int, default=10_000, help="events to publish (10,000)")
@@ -73,6 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loom_ha.cli.demo import run_demo
 
         return asyncio.run(run_demo(console, requests=args.requests, concurrency=args.concurrency))
+    if args.command == "bench" and args.soak:
+        from loom_ha.cli.bench import run_soak
+
+        return asyncio.run(
+            run_soak(
+                console,
+                transport=args.transport,
+                calls=args.calls,
+                upstream=args.upstream,
+                url=args.url,
+                mode=args.mode,
+                keep_events=args.keep_events,
+            )
+        )
     if args.command == "bench":
         from loom_ha.cli.bench import run_bench
 

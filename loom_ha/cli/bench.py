@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.table import Table
 
@@ -99,3 +101,52 @@ async def _ha_rows(
             nats_servers=[nats_server.url] if "nats" in wanted else None,
             rounds=rounds,
         )
+
+
+async def run_soak(
+    console: Console,
+    *,
+    transport: str,
+    calls: int,
+    upstream: int,
+    url: str | None = None,
+    mode: str | None = None,
+    keep_events: bool = False,
+) -> int:
+    """`--soak`: HALoomApp over `calls` sequential runs beside upstream's LoomApp over `upstream`.
+
+    Without `url`, a Redis or NATS server is started here (loopback, temporary
+    directory) and stopped afterwards; `mode` picks its delivery mode.
+    """
+    if transport not in ("memory", "redis", "nats"):
+        console.print(
+            f"[red]--soak runs on one transport (memory, redis, nats), not {transport}[/]"
+        )
+        return 2
+    if calls < 1 or upstream < 0:
+        console.print(f"[red]--calls must be >= 1 and --upstream >= 0 (got {calls}, {upstream})[/]")
+        return 2
+    try:
+        from loom_ha.bench.soak import render_soak, soak
+    except ImportError:  # pragma: no cover - the loom extra is missing
+        console.print("[red]--soak needs loom-agent:[/] pip install 'loom-ha\\[loom]'")
+        return 1
+    with contextlib.ExitStack() as servers:
+        if url is None and transport == "redis":
+            from loom_ha.testing.redis_servers import RedisServer
+
+            url = servers.enter_context(RedisServer()).url
+        elif url is None and transport == "nats":
+            from loom_ha.testing.nats_servers import NatsServer
+
+            url = servers.enter_context(NatsServer(jetstream=True)).url
+        url = url or "memory://"
+        if mode is not None:
+            url += f"{'&' if '?' in url else '?'}mode={mode}"
+        # HALoomApp first, on a fresh process: memory an earlier run freed and the
+        # allocator kept would otherwise absorb (hide) growth in its first windows.
+        reports = [await soak(url, calls, keep_events=keep_events)]
+        if upstream:
+            reports.append(await soak(url, upstream, upstream=True, keep_events=keep_events))
+    render_soak(console, reports, f"loom-ha bench --soak --transport {transport}")
+    return 0

@@ -65,14 +65,13 @@ class RedisTransportBase(Transport):
         ssl_keyfile: str | None = None,
         pool_size: int | None = None,
         socket_timeout: float | None = None,
+        probe_interval: float | None = None,
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
-        role_check_interval: float = 1.0,
         event_class: type[Any] = CloudEvent,
         max_event_size: int = DEFAULT_MAX_SIZE,
         dead_letter_stream: str = DEAD_LETTER_STREAM,
         group_rule: GroupRule | None = loom_request_groups,
-        block_margin: float = 5.0,
     ) -> None:
         self.settings: RedisSettings = settings_from(
             url,
@@ -87,11 +86,11 @@ class RedisTransportBase(Transport):
             ssl_keyfile=ssl_keyfile,
             pool_size=pool_size,
             socket_timeout=socket_timeout,
+            probe_interval=probe_interval,
         )
         for name, value in (
             ("connect_timeout", connect_timeout),
             ("publish_timeout", publish_timeout),
-            ("role_check_interval", role_check_interval),
         ):
             if value <= 0:
                 raise ConfigurationError(f"{self.backend}: {name} must be > 0, got {value}")
@@ -100,8 +99,6 @@ class RedisTransportBase(Transport):
         self.codec: EventCodec[Any] = EventCodec(event_class, max_size=max_event_size)
         self.dead_letter_stream = dead_letter_stream
         self._connect_timeout = connect_timeout
-        self._role_check_interval = role_check_interval
-        self._block_margin = block_margin
         self.publish_policy = within(publish_timeout)
         self._state = TransportState.NEW
         self._state_lock = asyncio.Lock()
@@ -154,14 +151,15 @@ class RedisTransportBase(Transport):
 
     # -- running on a connector (RedisTransport shares one between its modes) ---------------------
 
-    def _new_connector(self) -> RedisConnector:
+    @property
+    def longest_block(self) -> float:
+        """The longest ``BLOCK`` this mode's reads ask for, seconds (0: it never blocks)."""
+        return 0.0
+
+    def _new_connector(self, *, longest_block: float) -> RedisConnector:
         """A connector for these settings (not started)."""
-        return RedisConnector(
-            self.settings,
-            owner=f"loom_ha.{self.backend}",
-            block_margin=self._block_margin,
-            role_check_interval=self._role_check_interval,
-        )
+        owner = f"loom_ha.{self.backend}"
+        return RedisConnector(self.settings, owner=owner, longest_block=longest_block)
 
     async def _attach(self, connector: RedisConnector) -> None:
         """Start this mode on a started `connector` that the caller owns (and closes)."""
@@ -365,7 +363,7 @@ async def start_modes(modes: Sequence[RedisTransportBase]) -> RedisConnector:
     cleaned up itself) and the connector is closed before re-raising.
     """
     first = modes[0]
-    connector = first._new_connector()
+    connector = first._new_connector(longest_block=max(m.longest_block for m in modes))
     started: list[RedisTransportBase] = []
     try:
         await connector.start(timeout=first._connect_timeout)

@@ -21,8 +21,9 @@ from loom_ha._handlers import Handler, SubscriptionKey, invoke
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.policy import DeliveryPolicy
+from loom_ha.redis._connections import checkpoint
 from loom_ha.redis._errors import group_gone
-from loom_ha.redis.connection import RedisConnector, checkpoint
+from loom_ha.redis.connection import RedisConnector
 from loom_ha.retry import RetryPolicy
 
 

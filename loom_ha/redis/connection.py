@@ -1,12 +1,18 @@
 """RedisConnector: finds the current master and keeps every connection of a transport on it.
 
-It owns the command pool, the pool for blocking reads, and every dedicated
-connection (Pub/Sub listeners). With Sentinel it listens to ``+switch-master``
-on the sentinels and checks ``ROLE`` periodically; when the master moves (or
-turns out to be a replica) it closes *all* of them, so each reader reconnects
-to the new master (redis-py #3867, go-redis #583). A candidate master is only
-used once ``ROLE`` says ``master`` (redis-py #903: sentinels may still name the
-dead node during an election).
+It owns the command pool, the pool for blocking reads, and every dedicated connection
+(Pub/Sub listeners, the liveness probe). The master is lost — and then *all* of them are
+closed, so each reader reconnects to the new master (redis-py #3867, go-redis #583) — when:
+
+* it stops answering without closing its sockets (a paused process, a frozen VM, dropped
+  packets): a probe asks it every `probe_interval` (``ROLE`` with Sentinel, ``PING``
+  otherwise), so it is declared lost at most `socket_timeout` after its last answer;
+* a command gets no reply within `socket_timeout`, or its connection breaks;
+* with Sentinel: ``+switch-master`` names another node, the sentinels' newest
+  configuration names another node, or ``ROLE`` says it is a replica now.
+
+Which node is master is `MasterFinder`'s to say (`_finder`), when it is gone `MasterWatch`'s
+(`_watch`), and what the sentinels name `Sentinels`' (`_sentinel`).
 """
 
 from __future__ import annotations
@@ -20,84 +26,72 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+import redis.exceptions as rex
+from redis.asyncio.connection import AbstractConnection
 
 from loom_ha._tasks import TaskSupervisor, finish_all
-from loom_ha.errors import ConnectionLostError, FailoverExhaustedError, LoomHAError
-from loom_ha.redis._connections import LeanConnection, LeanSSLConnection
+from loom_ha.errors import ConnectionLostError, FailoverExhaustedError
+from loom_ha.redis._connections import Abortable, Address, ConnectionFactory, LeanPool, connect
+from loom_ha.redis._connections import checkpoint as checkpoint  # re-exported (bench)
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
+from loom_ha.redis._finder import MasterFinder
 from loom_ha.redis._roundtrip import UnconfirmedError, Written, checkout, round_trip
+from loom_ha.redis._sentinel import Sentinels
+from loom_ha.redis._watch import MasterWatch
 from loom_ha.redis.url import RedisSettings
 from loom_ha.retry import RetryPolicy, forever, within
 
 T = TypeVar("T")
 log = logging.getLogger("loom_ha.redis")
 
-Address = tuple[str, int]
-
 # Reconnecting while the master is away: quick first tries, capped waits, forever.
 RECONNECT_POLICY = forever()
-# Following a +switch-master: the named master should answer at once.
-MOVE_POLICY = within(10.0)
 
 
-def checkpoint() -> None:
-    """Re-raise a cancellation that was swallowed below us.
-
-    redis-py 8.1 on Python 3.11 sometimes returns a reply to a task that was
-    cancelled meanwhile (about 1 in 40 cancels of a blocked read, measured), so
-    a loop that only awaited redis-py would never stop. Every loop calls this.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def _execute(client: Any, *args: Any) -> Any:
-    """`execute_command` (untyped in redis-py) for commands without a typed method."""
-    return await client.execute_command(*args)
-
-
-async def _connect(conn: Any) -> None:
-    await conn.connect()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it was raised from) is a read or write that got no answer."""
+    return isinstance(exc, rex.TimeoutError) or isinstance(
+        getattr(exc, "__cause__", None), rex.TimeoutError
+    )
 
 
 class RedisConnector:
     """The live master of one transport and every connection to it.
 
     Args:
-        settings: where and how to connect.
+        settings: where and how to connect; `settings.socket_timeout` is also the longest
+            a master may stay silent before it is declared lost (it is probed every
+            `settings.liveness_interval`).
         owner: name used in logs and task names.
-        block_margin: extra read timeout granted to blocking commands.
-        role_check_interval: seconds between ``ROLE`` checks (Sentinel mode).
+        longest_block: the longest ``BLOCK`` of a blocking read on `blocking_client()`:
+            such a read fails when no reply came within it plus `socket_timeout`.
     """
 
-    def __init__(
-        self,
-        settings: RedisSettings,
-        *,
-        owner: str,
-        block_margin: float = 5.0,
-        role_check_interval: float = 1.0,
-    ) -> None:
+    def __init__(self, settings: RedisSettings, *, owner: str, longest_block: float = 0.0) -> None:
+        interval = settings.liveness_interval
         self.settings = settings
         self._owner = owner
-        self._block_margin = block_margin
-        self._role_check_interval = role_check_interval
+        self._blocking_timeout = longest_block + settings.socket_timeout
+        self._factory = ConnectionFactory(settings)
+        self._sentinels = (
+            Sentinels(settings, self._factory, owner=owner) if settings.sentinel else None
+        )
+        self._finder = MasterFinder(settings, self._factory, self._sentinels)
+        self._watch = MasterWatch(
+            self,
+            self._sentinels,
+            socket_timeout=settings.socket_timeout,
+            probe_interval=interval,
+            owner=owner,
+        )
         self._tasks = TaskSupervisor(f"{owner}.connector")
         self._lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.pool_size)
         self._address: Address | None = None
+        self._suspect: Address | None = None  # the last master lost for its silence
         self._client: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
-        self._dedicated: set[AbstractConnection] = set()
-        self._sentinels: list[aioredis.Redis] = []
+        self._dedicated: set[Abortable] = set()
         self._closed = False
         self.generation = 0
         self.last_move: float | None = None  # time.monotonic() of the last re-establishment
@@ -106,6 +100,11 @@ class RedisConnector:
         """`RECONNECT_POLICY` whose backoff ends as soon as a new master is established."""
 
     # -- public state ---------------------------------------------------------------------------
+
+    @property
+    def address(self) -> Address | None:
+        """(host, port) of the current master, None while none is known."""
+        return self._address
 
     @property
     def endpoint(self) -> str | None:
@@ -125,7 +124,7 @@ class RedisConnector:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, *, timeout: float) -> None:
-        """Find the master (retrying up to `timeout` s) and start the Sentinel watchers.
+        """Find the master (retrying up to `timeout` s), then start probing and watching it.
 
         Raises:
             ConnectionLostError: no master was reachable within `timeout` (transient).
@@ -133,23 +132,20 @@ class RedisConnector:
         """
         self._closed = False
         self._tasks.reopen()
-        if self.settings.sentinel:
-            self._sentinels = [
-                aioredis.Redis(connection_pool=self._pool(address, sentinel=True))
-                for address in self.settings.addresses
-            ]
-        policy = within(timeout)
+        if self._sentinels is not None:
+            self._sentinels.open()
         try:
-            await policy.call(self.client)
+            await within(timeout).call(self.client)
         except FailoverExhaustedError as exc:
             # The limit of this attempt, not a verdict on the broker: transient, like NATS's
             # connect timeout, so a caller that never gives up (HATransport) tries again.
             raise ConnectionLostError(
                 f"{self._owner}: no redis master reachable within {timeout}s: {exc.__cause__}"
             ) from exc
-        if self.settings.sentinel:
-            self._tasks.spawn(self._watch_sentinels(), name="sentinel-watch")
-            self._tasks.spawn(self._check_role(), name="role-check")
+        self._tasks.spawn(self._watch.probe_forever(), name="liveness-probe")
+        if self._sentinels is not None:
+            follow = self._sentinels.follow(self._watch.switched, self._watch.sentinels_asked)
+            self._tasks.spawn(follow, name="sentinel-watch")
 
     async def close(self) -> None:
         """Stop the watchers and close every connection; finishes even when cancelled."""
@@ -158,9 +154,8 @@ class RedisConnector:
 
     async def _close_resources(self) -> None:
         await self._retire()
-        sentinels, self._sentinels = self._sentinels, []
-        for client in sentinels:
-            await client.aclose(close_connection_pool=True)
+        if self._sentinels is not None:
+            await self._sentinels.close()
 
     # -- clients ---------------------------------------------------------------------------------
 
@@ -180,7 +175,7 @@ class RedisConnector:
             return self._client
 
     async def blocking_client(self) -> aioredis.Redis:
-        """A client whose reads may block for up to `block_margin` seconds more than usual."""
+        """A client whose reads may take `longest_block` + `socket_timeout` seconds."""
         await self.client()
         assert self._blocking is not None
         return self._blocking
@@ -197,16 +192,16 @@ class RedisConnector:
         await self.client()
         address, generation = self._address, self.generation
         assert address is not None
-        conn = self._connection(address, health_check_interval=0)
+        conn = self._factory.connection(address)
         self._dedicated.add(conn)
         try:
             with map_redis_errors("redis connect"):
-                await _connect(conn)
+                await connect(conn)
         except ConnectionLostError as exc:
             await self.release(conn)
             # A reader's *broken* connection says little (we may have dropped it ourselves);
             # failing to open a new one says the master is gone: find it again.
-            await self.lost(generation, exc)
+            await self.lost(generation, exc, silent=_timed_out(exc))
             raise
         except BaseException:
             await self.release(conn)
@@ -231,20 +226,26 @@ class RedisConnector:
         """Sleep `seconds`, or until a new master is established if that comes first.
 
         Readers back off with it: after a failover they reconnect as soon as anyone
-        (the Sentinel watcher, the role check, a publisher) found the new master,
-        not when a backoff grown during the election happens to end.
+        (the probe, the Sentinel watcher, a publisher) found the new master, not when
+        a backoff grown during the election happens to end.
         """
         moved = self._moved
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await moved.wait()
 
-    async def lost(self, generation: int, reason: object = "") -> None:
-        """Report that the master of `generation` failed; the next call finds it anew."""
+    async def lost(self, generation: int, reason: object = "", *, silent: bool = False) -> None:
+        """Report that the master of `generation` failed; the next call finds it anew.
+
+        `silent`: it stopped answering (rather than refusing or closing); while the
+        sentinels name another node too, it is tried last.
+        """
         async with self._lock:
             if generation != self.generation or self._client is None:
                 return  # someone already moved on
             log.warning("%s: lost redis master %s: %s", self._owner, self.endpoint, reason)
+            if silent:
+                self._suspect = self._address
             await self._retire()
 
     async def run(
@@ -276,7 +277,7 @@ class RedisConnector:
                 mapped = translate(exc, what)
                 if not isinstance(mapped, ConnectionLostError):
                     raise (mapped or exc) from exc
-                await self.lost(generation, mapped)
+                await self.lost(generation, mapped, silent=_timed_out(exc))
             except ConnectionLostError:
                 pass  # the operation's own "retry me" (e.g. too few replicas): not a lost master
             else:
@@ -297,7 +298,7 @@ class RedisConnector:
                 return result
             except ConnectionLostError as exc:
                 if isinstance(exc.__cause__, REDIS_ERRORS):  # the master failed, not the op
-                    await self.lost(generation, exc)
+                    await self.lost(generation, exc, silent=_timed_out(exc))
                 raise
 
         return await policy.call(attempt)
@@ -339,7 +340,7 @@ class RedisConnector:
                     with map_redis_errors(what):
                         conn = await checkout(pool)
                 except ConnectionLostError as exc:  # nothing was written: safe to retry
-                    await self.lost(generation, exc)
+                    await self.lost(generation, exc, silent=_timed_out(exc))
                     raise
                 try:
                     replies = await round_trip(conn, commands, what, check)
@@ -350,7 +351,8 @@ class RedisConnector:
                     raise
                 except Written as written:
                     if isinstance(written.cause, REDIS_ERRORS):  # not `check`'s verdict
-                        await self.lost(generation, written.error)
+                        silent = _timed_out(written.cause)
+                        await self.lost(generation, written.error, silent=silent)
                     if not resend:
                         raise UnconfirmedError(
                             f"{what}: sent, but not confirmed: {written.error}"
@@ -373,193 +375,39 @@ class RedisConnector:
         if self._closed:
             raise ConnectionLostError("redis connector is closed")
         await self._retire()
-        errors: list[str] = []
-        for address in await self._candidates(errors):
-            client = aioredis.Redis(connection_pool=self._pool(address))
-            try:
-                with map_redis_errors(f"redis {address[0]}:{address[1]}"):
-                    if self.settings.sentinel:
-                        role = await _execute(client, "ROLE")
-                        if _text(role[0]) != "master":
-                            errors.append(f"{address}: role is {_text(role[0])}")
-                            await client.aclose(close_connection_pool=True)
-                            continue
-                    else:
-                        await client.ping()
-            except ConnectionLostError as exc:
-                errors.append(str(exc))
-                await client.aclose(close_connection_pool=True)
-                continue
-            except BaseException:
-                await client.aclose(close_connection_pool=True)
-                raise
-            self._client = client
-            self._blocking = aioredis.Redis(
-                connection_pool=self._pool(
-                    address, socket_timeout=self.settings.socket_timeout + self._block_margin
-                )
-            )
-            self._address = address
-            self.generation += 1
-            self.last_move = time.monotonic()
-            self._moved.set()
-            self._moved = asyncio.Event()
-            if self.generation > 1:
-                log.warning("%s: now using redis master %s", self._owner, self.endpoint)
-            return
-        raise ConnectionLostError(f"no usable redis master: {'; '.join(errors) or 'none named'}")
-
-    async def _candidates(self, errors: list[str]) -> list[Address]:
-        if not self.settings.sentinel:
-            return [self.settings.addresses[0]]
-        found: list[Address] = []
-        for sentinel, address in zip(self._sentinels, self.settings.addresses, strict=True):
-            try:
-                with map_redis_errors(f"sentinel {address[0]}:{address[1]}"):
-                    reply = await _execute(
-                        sentinel, "SENTINEL", "get-master-addr-by-name", self.settings.master_name
-                    )
-            except ConnectionLostError as exc:
-                errors.append(str(exc))
-                continue
-            if reply:
-                candidate = (_text(reply[0]), int(_text(reply[1])))
-                if candidate not in found:
-                    found.append(candidate)
-        return found
+        address, client = await self._finder.find(suspect=self._suspect)
+        self._client = client
+        self._blocking = self._factory.client(address, socket_timeout=self._blocking_timeout)
+        self._address = address
+        if address == self._suspect:
+            self._suspect = None  # it answered again
+        self.generation += 1
+        self.last_move = time.monotonic()
+        self._moved.set()
+        self._moved = asyncio.Event()
+        if self.generation > 1:
+            log.warning("%s: now using redis master %s", self._owner, self.endpoint)
 
     async def _retire(self) -> None:
-        """Close the current clients and every dedicated connection (readers reconnect)."""
+        """Drop the current clients and every dedicated connection (readers reconnect).
+
+        Aborted, not closed: nothing still buffered may reach a master given up on, and
+        a graceful close towards a frozen one would hang while we hold the lock.
+        """
         client, blocking = self._client, self._blocking
         self._client = self._blocking = None
         dedicated, self._dedicated = list(self._dedicated), set()
         for conn in dedicated:
             try:
-                await conn.disconnect(nowait=True)
+                await conn.abort()
             except Exception:
-                log.debug("closing a dedicated connection failed", exc_info=True)
+                log.debug("dropping a dedicated connection failed", exc_info=True)
         for old in (client, blocking):
             if old is not None:
                 try:
+                    pool = old.connection_pool
+                    if isinstance(pool, LeanPool):
+                        await pool.abort()
                     await old.aclose(close_connection_pool=True)
                 except Exception:
-                    log.debug("closing a retired client failed", exc_info=True)
-
-    # -- Sentinel watchers -------------------------------------------------------------------
-
-    async def _watch_sentinels(self) -> None:
-        """Follow ``+switch-master`` on one sentinel at a time, moving on when one fails."""
-        while True:
-            for address in self.settings.addresses:
-                checkpoint()
-                try:
-                    await self._follow(address)
-                except (ConnectionLostError, OSError) as exc:
-                    log.debug("%s: sentinel %s: %s", self._owner, address, exc)
-            await asyncio.sleep(0.2)  # every sentinel failed: back off before the next round
-
-    async def _follow(self, address: Address) -> None:
-        conn = self._connection(address, sentinel=True, health_check_interval=0)
-        try:
-            with map_redis_errors(f"sentinel {address[0]}:{address[1]}"):
-                await _connect(conn)
-                await conn.send_command("SUBSCRIBE", "+switch-master")
-                await conn.read_response()
-                await self._check_role_quietly()  # a switch may have happened meanwhile
-                ping_sent = False
-                interval = max(0.5, self._role_check_interval)
-                while True:
-                    reply = await conn.read_response(timeout=interval)
-                    checkpoint()
-                    if reply is None:
-                        if ping_sent:
-                            raise ConnectionLostError("sentinel did not answer PING")
-                        await conn.send_command("PING")
-                        ping_sent = True
-                        continue
-                    ping_sent = False
-                    if _text(reply[0]) == "message":
-                        parts = _text(reply[2]).split()
-                        if parts and parts[0] == self.settings.master_name:
-                            new = (parts[3], int(parts[4]))
-                            log.warning("%s: +switch-master to %s", self._owner, new)
-                            await self._move_if_not(new)
-        finally:
-            await conn.disconnect(nowait=True)
-
-    async def _move_if_not(self, address: Address) -> None:
-        generation = self.generation
-        if self._address != address:
-            await self.lost(generation, f"+switch-master to {address[0]}:{address[1]}")
-            try:
-                await MOVE_POLICY.call(self.client)
-            except LoomHAError as exc:  # the role check keeps trying
-                log.warning("%s: new master not reachable yet: %s", self._owner, exc)
-
-    async def _check_role(self) -> None:
-        """Periodically make sure the current master still is one (and reconnect if lost)."""
-        while True:
-            await asyncio.sleep(self._role_check_interval)
-            await self._check_role_quietly()
-            checkpoint()
-
-    async def _check_role_quietly(self) -> None:
-        try:
-            await self._check_role_once()
-        except LoomHAError as exc:
-            log.debug("%s: role check: %s", self._owner, exc)
-
-    async def _check_role_once(self) -> None:
-        client = await self.client()
-        generation = self.generation
-        try:
-            with map_redis_errors("redis ROLE"):
-                role = await _execute(client, "ROLE")
-        except ConnectionLostError as exc:
-            await self.lost(generation, exc)
-            raise
-        if _text(role[0]) != "master":
-            await self.lost(generation, f"{self.endpoint} is now a {_text(role[0])}")
-            await self.client()
-
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def _connection_class(self) -> type[Connection]:
-        return LeanSSLConnection if self.settings.tls else LeanConnection
-
-    def _connection(
-        self, address: Address, *, sentinel: bool = False, health_check_interval: float = 0
-    ) -> Connection:
-        kwargs = self.settings.connection_kwargs(sentinel=sentinel)
-        return self._connection_class()(
-            host=address[0],
-            port=address[1],
-            health_check_interval=health_check_interval,
-            retry=Retry(NoBackoff(), 0),
-            **kwargs,
-        )
-
-    def _pool(
-        self,
-        address: Address,
-        *,
-        sentinel: bool = False,
-        size: int | None = None,
-        socket_timeout: float | None = None,
-    ) -> ConnectionPool:
-        kwargs = self.settings.connection_kwargs(sentinel=sentinel)
-        if socket_timeout is not None:
-            kwargs["socket_timeout"] = socket_timeout
-        common: dict[str, Any] = {
-            "connection_class": self._connection_class(),
-            "host": address[0],
-            "port": address[1],
-            # Errors surface at once: this connector, not redis-py, decides where to retry.
-            "retry": Retry(NoBackoff(), 0),
-            # No per-command health PING: socket_timeout already bounds every read.
-            "health_check_interval": 0,
-            **kwargs,
-        }
-        # Not a BlockingConnectionPool: `run()` bounds concurrency with a semaphore,
-        # which costs far less per command than the blocking pool's condition + timeout.
-        return ConnectionPool(max_connections=size, **common)
+                    log.debug("dropping a retired client failed", exc_info=True)

@@ -25,9 +25,9 @@ from loom_ha.errors import (
     UnsupportedCapabilityError,
 )
 from loom_ha.redis._base import Encoded, RedisTransportBase
+from loom_ha.redis._connections import checkpoint
 from loom_ha.redis._errors import map_redis_errors
 from loom_ha.redis._roundtrip import UnconfirmedError
-from loom_ha.redis.connection import checkpoint
 from loom_ha.topics import PatternKind, TopicPattern
 from loom_ha.transport import Capabilities, require_connected
 

@@ -54,7 +54,9 @@ class RedisStreamsTransport(RedisTransportBase):
         discovery_interval: how often wildcard consumers re-read the registry.
         wait_replicas: replicas that must have an event before `publish()` returns
             (Redis WAIT); default 1 with Sentinel, 0 otherwise.
-        wait_timeout: seconds WAIT may take before the publish is retried.
+        wait_timeout: seconds WAIT may take before the publish is retried (default 1 s,
+            or half of `socket_timeout` if less: it must stay below `socket_timeout`,
+            which bounds the whole reply).
         consumer_name: this process's name inside consumer groups.
         **options: connection and codec options shared with `RedisPubSubTransport`.
     """
@@ -85,7 +87,7 @@ class RedisStreamsTransport(RedisTransportBase):
         batch: int = 100,
         discovery_interval: float = 1.0,
         wait_replicas: int | None = None,
-        wait_timeout: float = 1.0,
+        wait_timeout: float | None = None,
         consumer_name: str | None = None,
         **options: Any,
     ) -> None:
@@ -96,7 +98,6 @@ class RedisStreamsTransport(RedisTransportBase):
             ("claim_idle", claim_idle),
             ("block", block),
             ("discovery_interval", discovery_interval),
-            ("wait_timeout", wait_timeout),
         ):
             if value <= 0:
                 raise ConfigurationError(f"redis-streams: {name} must be > 0, got {value}")
@@ -115,6 +116,17 @@ class RedisStreamsTransport(RedisTransportBase):
             wait_replicas = 1 if self.settings.sentinel else 0
         if wait_replicas < 0:
             raise ConfigurationError(f"redis-streams: wait_replicas {wait_replicas} is < 0")
+        if wait_timeout is None:
+            wait_timeout = min(1.0, self.settings.socket_timeout / 2)
+        if wait_timeout <= 0:
+            raise ConfigurationError(f"redis-streams: wait_timeout must be > 0, got {wait_timeout}")
+        if wait_replicas and wait_timeout >= self.settings.socket_timeout:
+            # The reply of XADD + WAIT may take wait_timeout: a socket_timeout no longer
+            # than that would call a healthy master with a slow replica dead.
+            raise ConfigurationError(
+                f"redis-streams: wait_timeout ({wait_timeout}s) must be below socket_timeout "
+                f"({self.settings.socket_timeout}s) when wait_replicas is {wait_replicas}"
+            )
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self.consumer_name = consumer_name or (
@@ -152,6 +164,12 @@ class RedisStreamsTransport(RedisTransportBase):
         keys = sorted(k for k in found if k.startswith(self.stream_prefix))
         self._known = (time.monotonic(), keys)
         return keys
+
+    @property
+    @override
+    def longest_block(self) -> float:
+        """`block`: a blocked read may take it plus `socket_timeout` before it is given up."""
+        return self.block
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ Forms (``[...]`` is optional; user and password are percent-decoded)::
 
 Query options: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
 (none/optional/required), ``ssl_check_hostname`` (true/false), ``pool_size``,
-``socket_timeout``, ``socket_connect_timeout``, ``sentinel_username``,
+``socket_timeout``, ``socket_connect_timeout``, ``probe_interval``, ``sentinel_username``,
 ``sentinel_password``. Anything wrong raises `ConfigurationError` naming the part.
 """
 
@@ -54,8 +54,12 @@ class RedisSettings:
         sentinel_username, sentinel_password: credentials of the sentinels.
         tls: connect with TLS; ``ssl_*`` configure it (redis-py's names).
         pool_size: most pooled command connections per transport.
-        socket_timeout: bound of every non-blocking command, seconds.
+        socket_timeout: the longest a server may stay silent, seconds: bound of every
+            non-blocking command's reply, of a master's silence between two liveness
+            probes, and (added to the ``BLOCK`` time) of a blocking read.
         socket_connect_timeout: bound of a TCP/TLS connect, seconds.
+        probe_interval: seconds between liveness probes of the master; None means
+            `socket_timeout` / 4 (see `liveness_interval`).
     """
 
     addresses: tuple[tuple[str, int], ...] = (("127.0.0.1", DEFAULT_PORT),)
@@ -72,8 +76,9 @@ class RedisSettings:
     ssl_cert_reqs: str = "required"
     ssl_check_hostname: bool = False
     pool_size: int = 64
-    socket_timeout: float = 5.0
+    socket_timeout: float = 2.0
     socket_connect_timeout: float = 2.0
+    probe_interval: float | None = None
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -96,6 +101,16 @@ class RedisSettings:
         for name in ("socket_timeout", "socket_connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"redis: {name} must be > 0, got {getattr(self, name)}")
+        if self.probe_interval is not None and not 0 < self.probe_interval < self.socket_timeout:
+            raise ConfigurationError(
+                f"redis: probe_interval must be > 0 and below socket_timeout "
+                f"({self.socket_timeout}), got {self.probe_interval}"
+            )
+
+    @property
+    def liveness_interval(self) -> float:
+        """Seconds between liveness probes: `probe_interval`, or a quarter of `socket_timeout`."""
+        return self.probe_interval or self.socket_timeout / 4
 
     @property
     def sentinel(self) -> bool:
@@ -188,7 +203,7 @@ def _query(query: str) -> dict[str, Any]:
             out[name] = _bool(name, value)
         elif name == "pool_size":
             out[name] = _int(name, value)
-        elif name in ("socket_timeout", "socket_connect_timeout"):
+        elif name in ("socket_timeout", "socket_connect_timeout", "probe_interval"):
             out[name] = _float(name, value)
         elif name == "db":
             out[name] = _int(name, value)

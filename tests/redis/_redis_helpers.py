@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from loom_ha.testing.redis_sentinel import RedisSentinelCluster
 from loom_ha.testing.servers import RedisServer
 
 
@@ -39,3 +41,16 @@ async def eventually_async(
     async with asyncio.timeout(within):
         while not await condition():  # noqa: ASYNC110 - polling the server is the point
             await asyncio.sleep(0.02)
+
+
+def master_other_than(cluster: RedisSentinelCluster, old: tuple[str, int]) -> float:
+    """Block until the sentinels name a master other than `old`; returns that moment."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if cluster.master_address() != old:
+                return time.monotonic()
+        except ConnectionError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"no failover away from {old}")

@@ -22,7 +22,7 @@ from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisSentinelCluster
 from loom_ha.transport import Transport, TransportState
 
-from ._redis_helpers import eventually
+from ._redis_helpers import eventually, master_other_than
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.timeout(150)]
 
@@ -31,19 +31,6 @@ BURST = 10_000
 
 def _event(n: int) -> CloudEvent:
     return CloudEvent.create(source="/chaos", type="chaos", data={"n": n})
-
-
-def _wait_promoted(cluster: RedisSentinelCluster, old: tuple[str, int]) -> float:
-    """Block until the sentinels name a master other than `old`; returns that moment."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if cluster.master_address() != old:
-                return time.monotonic()
-        except ConnectionError:
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"no failover away from {old}")
 
 
 class Publisher:
@@ -113,7 +100,7 @@ async def test_streams_master_sigkill_during_burst_loses_nothing(
             old = await asyncio.to_thread(cluster.master)
             await asyncio.to_thread(old.kill)
             killed = time.monotonic()
-            promoted = await asyncio.to_thread(_wait_promoted, cluster, old.address)
+            promoted = await asyncio.to_thread(master_other_than, cluster, old.address)
         await got.wait_until(
             lambda: set(publisher.sent) <= set(got.ids), within=60, what=lambda: "all events"
         )
@@ -149,7 +136,7 @@ async def test_pubsub_master_sigkill_measures_loss_and_resumes(
             old = await asyncio.to_thread(cluster.master)
             await asyncio.to_thread(old.kill)
             killed = time.monotonic()
-            promoted = await asyncio.to_thread(_wait_promoted, cluster, old.address)
+            promoted = await asyncio.to_thread(master_other_than, cluster, old.address)
         await _moved([sub, pub], cluster)
         resumed = max(sub.connector.last_move or 0.0, pub.connector.last_move or 0.0)
         after = Publisher(pub, "chaos/after")

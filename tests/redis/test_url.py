@@ -6,6 +6,7 @@ import pytest
 
 from loom_ha.errors import ConfigurationError
 from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport, parse_redis_url
+from loom_ha.spec import parse_transport_url
 
 
 def test_plain_url_with_acl_credentials() -> None:
@@ -74,3 +75,33 @@ def test_sentinel_defaults_to_waiting_for_a_replica() -> None:
     """Streams mode waits for one replica with Sentinel and for none on a single server."""
     assert RedisStreamsTransport("redis+sentinel://a/m").wait_replicas == 1
     assert RedisStreamsTransport("redis://a").wait_replicas == 0
+
+
+def test_silence_bound_and_probe_interval_come_from_the_url() -> None:
+    """socket_timeout (2 s by default) bounds a silent server; the probe runs 4 times within it
+    unless probe_interval says otherwise; both are URL options."""
+    assert parse_redis_url("redis://h").socket_timeout == 2.0
+    assert parse_redis_url("redis://h").liveness_interval == 0.5
+    s = parse_redis_url("redis+sentinel://a/m?socket_timeout=1&probe_interval=0.1")
+    assert (s.socket_timeout, s.liveness_interval) == (1.0, 0.1)
+    spec = parse_transport_url("redis+sentinel://a/m?mode=streams&socket_timeout=1")
+    assert RedisStreamsTransport(spec.backend_url).settings.socket_timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "names"),
+    [
+        ("redis://h?probe_interval=2", {}, "probe_interval"),  # not below socket_timeout
+        ("redis://h?probe_interval=0", {}, "probe_interval"),
+        ("redis://h?socket_timeout=0", {}, "socket_timeout"),
+        ("redis://h", {"probe_interval": 3.0}, "probe_interval"),
+        # XADD + WAIT may take wait_timeout: a shorter socket_timeout would call it dead.
+        ("redis+sentinel://a/m?socket_timeout=1", {"wait_timeout": 1.0}, "wait_timeout"),
+    ],
+)
+def test_a_silence_bound_that_cannot_work_is_refused(
+    url: str, options: dict[str, float], names: str
+) -> None:
+    """Probe intervals and WAIT timeouts that do not fit inside socket_timeout are refused."""
+    with pytest.raises(ConfigurationError, match=names):
+        RedisStreamsTransport(url, **options)

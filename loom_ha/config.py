@@ -65,10 +65,10 @@ def _redis(spec: TransportSpec, event_class: Any) -> Transport:
 
 def _nats(spec: TransportSpec, event_class: Any) -> Transport:
     from loom_ha.event import EventCodec
-    from loom_ha.nats import JetStreamTransport, NatsCoreTransport
+    from loom_ha.nats import JetStreamTransport, NatsCoreTransport, url_options
 
     opts = spec.options
-    common: dict[str, Any] = {"group_rule": opts.group_rule}
+    common: dict[str, Any] = {"group_rule": opts.group_rule, **url_options(spec.backend_options)}
     if event_class is not None:
         common["codec"] = EventCodec(event_class)
     if spec.mode == "core":
@@ -111,7 +111,7 @@ def create_transport(url: str, *, event_class: Any = None) -> Transport:
     Args:
         url: ``memory://``, ``redis://``, ``rediss://``, ``redis+sentinel://``, or one or
             more comma-separated ``nats://`` / ``tls://`` servers; options in the query
-            string (see docs/configuration.md).
+            string (see docs/index.md and docs/quickstart.md).
         event_class: the class received events are built as (Loom's under LoomApp).
 
     Raises:

@@ -142,7 +142,8 @@ class TransportSpec:
         options: loom-ha's options (HA, outbox, dedup, group rule, deliveries).
         address: the URL without its query (Redis: one URL; NATS: the server list).
         servers: NATS server URLs (empty for other brokers).
-        backend_options: query options left to the backend, in order.
+        backend_options: query options left to the backend, in order (Redis' own; NATS
+            connection options such as ``ping_interval``, see `loom_ha.nats.URL_OPTIONS`).
         topic_modes: Redis per-pattern modes (``pubsub_topics=`` / ``streams_topics=``).
     """
 
@@ -202,17 +203,15 @@ def parse_transport_url(url: str) -> TransportSpec:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        raise ConfigurationError(f"transport URL {url!r}: bad query string ({exc})") from None
+        # The query only: the address may carry credentials.
+        raise ConfigurationError(f"transport URL query {query!r}: bad ({exc})") from None
     opts, rest = _parse_options(pairs)
     mode = _mode(broker, opts)
     servers: tuple[str, ...] = ()
     topic_modes: dict[str, str] = {}
     if broker == "memory" and rest:
         raise ConfigurationError(f"unknown memory:// option(s): {', '.join(k for k, _ in rest)}")
-    if broker == "nats":
-        if rest:
-            names = ", ".join(k for k, _ in rest)
-            raise ConfigurationError(f"unknown NATS URL option(s): {names}")
+    if broker == "nats":  # connection options stay in backend_options (loom_ha.nats checks them)
         servers = tuple(s if "://" in s else f"nats://{s}" for s in address.split(",") if s)
     if broker == "redis":
         topic_modes, rest = _redis_topic_modes(rest)

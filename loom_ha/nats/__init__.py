@@ -14,10 +14,11 @@ from loom_ha.nats.connection import ConnectionOptions, NatsOptions, StateListene
 from loom_ha.nats.core import NatsCoreTransport, NatsTransport
 from loom_ha.nats.dedup import NatsDedup
 from loom_ha.nats.jetstream import JetStreamTransport
-from loom_ha.nats.options import ConsumerOptions, StreamOptions
+from loom_ha.nats.options import URL_OPTIONS, ConsumerOptions, StreamOptions, url_options
 from loom_ha.nats.subjects import SubjectCodec
 
 __all__ = [
+    "URL_OPTIONS",
     "ConnectionOptions",
     "ConsumerOptions",
     "JetStreamTransport",
@@ -28,4 +29,5 @@ __all__ = [
     "StateListener",
     "StreamOptions",
     "SubjectCodec",
+    "url_options",
 ]

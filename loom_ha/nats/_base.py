@@ -20,7 +20,6 @@ from loom_ha._tasks import finish_all
 from loom_ha.deadletter import DEAD_LETTER_CODEC, DeadLetter
 from loom_ha.errors import TransportClosedError
 from loom_ha.event import EventCodec, loom_event_class
-from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import (
     DEFAULT_SERVERS,
     ConnectionOptions,
@@ -211,8 +210,7 @@ class NatsTransportBase(Transport):
             NotConnectedError: `connect()` was never called.
         """
         require_connected(self._conn.state, self.backend_name)
-        with map_nats_errors(what="ping"):
-            await self._conn.client.flush(timeout=self.options.connect_timeout)  # type: ignore[arg-type]
+        await self._conn.round_trip(self.options.connect_timeout)
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
@@ -228,7 +226,9 @@ class NatsTransportBase(Transport):
             reconnects=conn.reconnects,
             pending=self._pending(),
             extra={
-                "servers": list(self.options.servers),
+                "servers": list(self.options.servers),  # never with credentials (NatsOptions)
+                "detection_time": self.options.detection_time,
+                "dead_servers": conn.dead_servers,
                 "last_error": conn.last_error,
                 "reconnect_attempts": conn.reconnect_attempts,
                 "slow_consumer_drops": conn.slow_consumer_drops,

@@ -2,7 +2,8 @@
 
 Lost connections, timeouts and cluster elections (no responders, 503) become the
 transient `ConnectionLostError`, which retry logic may retry; bad credentials and
-subjects become `ConfigurationError`; everything else a `TransportError` (or a
+subjects become `ConfigurationError`; JetStream's "duplicate message id is in process"
+becomes the transient `PublishInProgressError`; everything else a `TransportError` (or a
 `PublishError` when a topic is given).
 """
 
@@ -20,8 +21,24 @@ from loom_ha.errors import (
     ConnectionLostError,
     LoomHAError,
     PublishError,
+    TransientError,
     TransportError,
 )
+
+MSG_ID_IN_PROCESS = 10158
+"""JetStream's err_code for a publish whose ``Nats-Msg-Id`` an earlier attempt is still storing."""
+
+
+class PublishInProgressError(TransportError, TransientError):
+    """JetStream is still storing an earlier attempt of this publish (409, err_code 10158).
+
+    Not a failure: the stream leader staged that attempt's message id and waits for its
+    replicas. Publishing again with the same ``Nats-Msg-Id`` a moment later is answered
+    ``duplicate=True`` once it is stored (or stores it, if that attempt was dropped in a
+    leader change): the publish retry does exactly that, so this never reaches a caller
+    except as the cause of a publish that ran out of time.
+    """
+
 
 # Most specific first: the first matching entry decides.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -90,6 +107,8 @@ def map_nats_errors(
             f"{what}: {_describe(exc)} (check servers, user/password/token and TLS options)"
         ) from exc
     except nats.errors.Error as exc:
+        if getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS:  # a 409 APIError
+            raise PublishInProgressError(f"{what}: {_describe(exc)}") from exc
         if topic is not None:
             raise PublishError(f"{what}: {_describe(exc)}", topic=topic, event_id=event_id) from exc
         raise TransportError(f"{what}: {_describe(exc)}") from exc

@@ -1,7 +1,9 @@
-"""The one nats-py connection of a transport: validated options, state, reconnect signals.
+"""The one nats-py connection of a transport: state, failure detection, reconnect signals.
 
 Both delivery modes share it. It never gives up reconnecting unless told
-(`max_reconnect_attempts`), and it reports every state change to listeners.
+(`max_reconnect_attempts`), declares a server that stops answering dead within
+`NatsOptions.detection_time` (`loom_ha.nats._liveness`), and reports every state change
+to listeners.
 """
 
 from __future__ import annotations
@@ -9,20 +11,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import ssl
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypedDict
-from urllib.parse import urlsplit
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from loom_ha._state import StateCell, StateListener
-from loom_ha._tasks import finish_all
-from loom_ha.errors import ConfigurationError, TransportClosedError
+from loom_ha._tasks import TaskSupervisor, finish_all
+from loom_ha.errors import ConfigurationError, ConnectionLostError, TransportClosedError
 from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats._liveness import (
+    CHOOSER_SUPPORTED,
+    Liveness,
+    ServerChooser,
+    answered,
+    close_client,
+)
+from loom_ha.nats.options import DEFAULT_SERVERS, ConnectionOptions, NatsOptions
 from loom_ha.transport import TransportState
 
 __all__ = [
@@ -33,132 +40,9 @@ __all__ = [
     "StateListener",
 ]
 
+T = TypeVar("T")
+
 log = logging.getLogger("loom_ha.nats")
-
-
-DEFAULT_SERVERS: tuple[str, ...] = ("nats://127.0.0.1:4222",)
-_SCHEMES = ("nats", "tls")
-
-
-class ConnectionOptions(TypedDict, total=False):
-    """Keyword options every NATS transport accepts (see `NatsOptions`)."""
-
-    user: str
-    password: str
-    token: str
-    tls: ssl.SSLContext
-    tls_ca_file: str
-    tls_hostname: str
-    name: str
-    connect_timeout: float
-    reconnect_wait: float
-    max_reconnect_attempts: int | None
-    ping_interval: float
-    max_outstanding_pings: int
-    reconnect_buffer: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class NatsOptions:
-    """Validated connection options.
-
-    Attributes:
-        servers: ``nats://`` or ``tls://`` URLs (credentials in the URL are allowed).
-        user, password: user/password authentication; token: token authentication.
-        tls: client `SSLContext`; tls_ca_file: a CA file to trust instead (builds one).
-        tls_hostname: the name to verify the server certificate against.
-        name: connection name shown by the server's monitoring.
-        connect_timeout: bound of the first `connect()`, seconds.
-        reconnect_wait: pause before retrying a server that just failed, seconds.
-        max_reconnect_attempts: per server; None (default) never gives up.
-        ping_interval, max_outstanding_pings: detect a dead peer after about
-            ``ping_interval * max_outstanding_pings`` seconds of silence.
-        reconnect_buffer: bytes of publishes kept while reconnecting.
-    """
-
-    servers: tuple[str, ...] = DEFAULT_SERVERS
-    user: str | None = None
-    password: str | None = None
-    token: str | None = None
-    tls: ssl.SSLContext | None = None
-    tls_ca_file: str | None = None
-    tls_hostname: str | None = None
-    name: str = "loom-ha"
-    connect_timeout: float = 5.0
-    reconnect_wait: float = 1.0
-    max_reconnect_attempts: int | None = None
-    ping_interval: float = 10.0
-    max_outstanding_pings: int = 3
-    reconnect_buffer: int = 8 * 1024 * 1024
-
-    @classmethod
-    def build(cls, servers: Sequence[str] | str, **options: object) -> NatsOptions:
-        """Validate `servers` and `options`.
-
-        Raises:
-            ConfigurationError: naming the bad URL, URL part or option.
-        """
-        urls = (servers,) if isinstance(servers, str) else tuple(servers)
-        if not urls:
-            raise ConfigurationError("servers: give at least one nats:// URL")
-        for url in urls:
-            _check_url(url)
-        unknown = set(options) - set(ConnectionOptions.__annotations__)
-        if unknown:
-            raise ConfigurationError(f"unknown NATS option(s): {', '.join(sorted(unknown))}")
-        made = cls(servers=urls, **options)  # type: ignore[arg-type]
-        made._check()
-        return made
-
-    def _check(self) -> None:
-        if (self.user is None) != (self.password is None):
-            raise ConfigurationError("user and password: give both or neither")
-        if self.token is not None and self.user is not None:
-            raise ConfigurationError("token: use either user/password or a token, not both")
-        for name in ("connect_timeout", "reconnect_wait", "ping_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
-        attempts = self.max_reconnect_attempts
-        if attempts is not None and (not isinstance(attempts, int) or attempts < 1):
-            raise ConfigurationError(
-                f"max_reconnect_attempts must be None (never give up) or >= 1, got {attempts!r}"
-            )
-        if self.max_outstanding_pings < 1 or self.reconnect_buffer < 0:
-            raise ConfigurationError("max_outstanding_pings must be >= 1, reconnect_buffer >= 0")
-        if self.tls is not None and self.tls_ca_file is not None:
-            raise ConfigurationError("tls and tls_ca_file: give one of them")
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The client TLS context (from `tls`, `tls_ca_file`, or None)."""
-        if self.tls is not None:
-            return self.tls
-        if self.tls_ca_file is not None:
-            try:
-                return ssl.create_default_context(cafile=self.tls_ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigurationError(f"tls_ca_file {self.tls_ca_file!r}: {exc}") from exc
-        return None
-
-
-def _check_url(url: object) -> None:
-    if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"servers: {url!r} is not a URL string")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"server URL {url!r}: bad port ({exc})") from exc
-    if parts.scheme not in _SCHEMES:
-        raise ConfigurationError(
-            f"server URL {url!r}: scheme {parts.scheme!r} is not one of {', '.join(_SCHEMES)}"
-        )
-    if not parts.hostname:
-        raise ConfigurationError(f"server URL {url!r}: no host")
-    if port == 0:
-        raise ConfigurationError(f"server URL {url!r}: port 0")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigurationError(f"server URL {url!r}: unexpected path, query or fragment")
 
 
 class _ProbeDenied(Exception):
@@ -166,7 +50,11 @@ class _ProbeDenied(Exception):
 
 
 class NatsConnection:
-    """One nats-py client: opened once, reconnects forever by default, reports its state."""
+    """One nats-py client: opened once, reconnects forever by default, reports its state.
+
+    A server that stops answering is declared dead after `NatsOptions.detection_time`
+    at most; the socket is then cut and the client reconnects, to another server first.
+    """
 
     def __init__(self, options: NatsOptions, backend: str) -> None:
         self.options = options
@@ -177,7 +65,13 @@ class NatsConnection:
         self.last_error: str | None = None
         self.reconnect_attempts = 0  # failed attempts while reconnecting
         self.slow_consumer_drops = 0  # messages nats-py dropped: a subscription's queue was full
+        self.dead_servers = 0  # times a server stopped answering and was cut off
+        self._cutting = False  # cut off, disconnect not yet reported: EOF errors are ours
         self._client: Client | None = None
+        self._tasks = TaskSupervisor(f"loom_ha.{backend}.liveness")
+        self._chooser = ServerChooser(options.reconnect_wait)
+        self._serving: Any = None  # nats-py's URL of the server connected to (no credentials)
+        self._on_lost: set[Callable[[], None]] = set()  # `until_lost()` waiters
         self._closing = False
         self._opening = False  # inside open()'s client.connect(): refused credentials are fatal
         # barrier(): probes this connection publishes to itself (see there).
@@ -231,6 +125,9 @@ class NatsConnection:
         client = Client()
         self._client = client
         attempts = o.max_reconnect_attempts
+        extra: dict[str, Any] = {}
+        if CHOOSER_SUPPORTED:
+            extra["reconnect_to_server_handler"] = self._chooser
         self._opening = True
         try:
             with map_nats_errors(what=f"{self.backend}: connecting to {', '.join(o.servers)}"):
@@ -247,15 +144,17 @@ class NatsConnection:
                         reconnect_time_wait=o.reconnect_wait,  # type: ignore[arg-type]
                         # nats-py gives up after 60 attempts by default (#735); -1 never does.
                         max_reconnect_attempts=-1 if attempts is None else attempts,
-                        ping_interval=o.ping_interval,  # type: ignore[arg-type]
-                        max_outstanding_pings=o.max_outstanding_pings,
+                        # nats-py's own ping loop stays at its default (120 s x 2) as a
+                        # backstop; `Liveness` does the detection (see loom_ha.nats._liveness).
                         pending_size=o.reconnect_buffer,
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
                         closed_cb=self._on_closed,
+                        **extra,
                     )
             self._opening = False
+            self._serving = client.connected_url
             self._probe_prefix = client.new_inbox()
             with map_nats_errors(what=f"{self.backend}: barrier subscription"):
                 await client.subscribe(self._probe_prefix + ".*", cb=self._on_probe)
@@ -264,7 +163,67 @@ class NatsConnection:
             await self.close()
             self._set_state(TransportState.DISCONNECTED)
             raise
+        self._tasks.reopen()
+        liveness = Liveness(
+            lambda: self._client,
+            lambda: self.generation,
+            self._declare_dead,
+            interval=o.ping_interval,
+            misses=o.max_outstanding_pings,
+        )
+        self._tasks.spawn(liveness.run(), name=f"loom_ha.{self.backend}.liveness")
         self._set_state(TransportState.CONNECTED)
+
+    async def until_lost(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable`, cut short as soon as the connection is lost.
+
+        A reply due on a lost connection never comes: the caller retries at once instead
+        of waiting out its timeout (a JetStream publish re-sent with its message id).
+
+        Raises:
+            TimeoutError: the connection was lost (declared dead or disconnected) first.
+        """
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as scope:
+
+            def expire() -> None:
+                scope.reschedule(loop.time())
+
+            self._on_lost.add(expire)
+            try:
+                return await awaitable
+            finally:
+                self._on_lost.discard(expire)
+
+    def _lost(self) -> None:
+        waiters, self._on_lost = self._on_lost, set()
+        for expire in waiters:
+            expire()
+
+    def _declare_dead(self, client: Client) -> None:
+        """`Liveness` found the server silent: wake the waiters; the socket is cut next."""
+        if client is not self._client:
+            return
+        self.dead_servers += 1
+        window = self.options.ping_interval * self.options.max_outstanding_pings
+        self.last_error = (
+            f"server {self.endpoint} gave no sign of life for {window:g}s "
+            "(PING unanswered, nothing received from it, nothing of ours read)"
+        )
+        log.warning("%s: %s; reconnecting", self.backend, self.last_error)
+        self._cutting = True
+        self._lost()
+
+    async def round_trip(self, timeout: float) -> None:
+        """A PING/PONG with the server connected to.
+
+        Raises:
+            ConnectionLostError: no PONG within `timeout` (or not connected).
+        """
+        client = self.client
+        with map_nats_errors(what=f"{self.backend}: ping"):
+            if not await answered(client, timeout):
+                raise ConnectionLostError(f"{self.backend}: no answer to a PING in {timeout:g}s")
 
     async def barrier(self, timeout: float) -> None:
         """Return once the server has processed every command sent on this connection so far.
@@ -289,7 +248,7 @@ class NatsConnection:
             with map_nats_errors(what=f"{self.backend}: barrier"):
                 await client.publish(subject, b"")
                 async with asyncio.timeout(timeout):
-                    await echoed
+                    await self.until_lost(echoed)
         except _ProbeDenied:
             await self._flush(client, timeout)
         finally:
@@ -298,8 +257,7 @@ class NatsConnection:
     async def _flush(self, client: Client, timeout: float) -> None:
         """The fallback barrier: let nats-py's flusher write first, then PING/PONG."""
         await asyncio.sleep(0)  # the flusher was woken before us: it writes the SUB first
-        with map_nats_errors(what=f"{self.backend}: flush"):
-            await client.flush(timeout=timeout)  # type: ignore[arg-type]
+        await self.round_trip(timeout)
 
     async def _on_probe(self, msg: Msg) -> None:
         echoed = self._probes.pop(msg.subject, None)
@@ -315,8 +273,13 @@ class NatsConnection:
             if not echoed.done():
                 echoed.set_exception(TransportClosedError(f"{self.backend}: closed"))
         if client is None:
+            await finish_all(self._tasks.aclose, owner=self.backend)
             return
-        await finish_all(client.close, owner=self.backend)
+        # A frozen server gets `ping_interval * max_outstanding_pings` to answer, as always.
+        window = self.options.ping_interval * self.options.max_outstanding_pings
+        await finish_all(
+            self._tasks.aclose, lambda: close_client(client, window), owner=self.backend
+        )
 
     def mark(self, state: TransportState) -> None:
         """Set the state from the owning transport (e.g. DISCONNECTED after close)."""
@@ -334,6 +297,8 @@ class NatsConnection:
                     self.slow_consumer_drops,
                 )
             return
+        if self._cutting:
+            return  # the end of stream and reset we caused by cutting a silent server off
         self.last_error = f"{type(exc).__name__}: {exc}"
         text = str(exc).lower()  # nats-py lower-cases the server's -ERR text, subject included
         if self._opening and _refused_credentials(exc, text):
@@ -364,6 +329,9 @@ class NatsConnection:
         log.debug("%s: %s", self.backend, self.last_error)
 
     async def _on_disconnected(self) -> None:
+        self._cutting = False
+        self._chooser.lost(self._serving)
+        self._lost()
         if not self._closing:
             log.warning("%s: connection lost, reconnecting", self.backend)
             self._set_state(TransportState.RECONNECTING)
@@ -371,6 +339,8 @@ class NatsConnection:
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
         self.generation += 1
+        client = self._client
+        self._serving = client.connected_url if client is not None else None
         log.warning("%s: reconnected to %s", self.backend, self.endpoint)
         self._set_state(TransportState.CONNECTED)
 

@@ -31,7 +31,7 @@ from loom_ha.errors import ConfigurationError, ConnectionLostError, LoomHAError
 from loom_ha.event import EventCodec
 from loom_ha.nats._base import NatsTransportBase
 from loom_ha.nats._consumer import PullConsumer
-from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats._errors import PublishInProgressError, map_nats_errors
 from loom_ha.nats.connection import DEFAULT_SERVERS, ConnectionOptions, NatsConnection
 from loom_ha.nats.options import ConsumerOptions, StreamOptions
 from loom_ha.nats.subjects import (
@@ -50,6 +50,9 @@ log = logging.getLogger("loom_ha.nats.jetstream")
 
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 MSG_ID = "Nats-Msg-Id"
+PUBLISH_WAIT_MAX = 0.4
+"""Longest backoff between publish attempts, seconds: an attempt that timed out already
+waited `ack_timeout`, so the pause after it stays short (ack_timeout + 0.4 + 0.1 jitter = 2 s)."""
 
 
 class JetStreamTransport(NatsTransportBase):
@@ -57,18 +60,24 @@ class JetStreamTransport(NatsTransportBase):
 
     * `publish()` returns once the stream stored the event (replicated when R3) and
       retries lost connections with the same ``Nats-Msg-Id`` for up to
-      `publish_timeout` seconds, then raises: every publish arrives or raises.
+      `publish_timeout` seconds, then raises: every publish arrives or raises. A
+      connection lost (or a server declared dead) while an ack is due is retried at
+      once; "duplicate message id is in process" (10158) means an earlier attempt is
+      still being stored and is confirmed by publishing again, never raised.
     * Handlers are acked after they succeed; a failure naks with backoff; after
       ``policy.max_deliveries`` attempts the event goes to the dead-letter stream
       with why it died. Duplicates caused by lost acks are dropped per consumer.
     * New fan-out subscribers see new events only (``consumer.start='all'`` replays).
 
+    `subject_prefix`, `dead_letter_prefix`, `codec`, `group_rule`: as `NatsCoreTransport`.
+
     Args:
         servers: ``nats://`` / ``tls://`` URLs of one server or a cluster.
         stream: stream options; consumer: consumer options.
         publish_timeout: total seconds `publish()` keeps retrying.
-        ack_timeout: seconds to wait for one publish ack before retrying.
-        subject_prefix, dead_letter_prefix, codec, group_rule: as `NatsCoreTransport`.
+        ack_timeout: seconds to wait for one publish ack before retrying (with the same
+            message id). With the retry backoff capped at `PUBLISH_WAIT_MAX`, a publish goes
+            through within ~2 s of the stream answering again (a new leader elected).
         **connection: see `ConnectionOptions` (auth, TLS, reconnect timing).
     """
 
@@ -91,7 +100,7 @@ class JetStreamTransport(NatsTransportBase):
         stream: StreamOptions | None = None,
         consumer: ConsumerOptions | None = None,
         publish_timeout: float = 30.0,
-        ack_timeout: float = 2.0,
+        ack_timeout: float = 1.5,
         subject_prefix: str = DEFAULT_PREFIX,
         dead_letter_prefix: str = DEFAULT_DEAD_LETTER_PREFIX,
         codec: EventCodec[Any] | None = None,
@@ -111,12 +120,13 @@ class JetStreamTransport(NatsTransportBase):
         self.stream = stream or StreamOptions()
         self.consumer_options = consumer or ConsumerOptions()
         self.ack_timeout = ack_timeout
-        self._publish_retry = within(publish_timeout, wait_max=1.0)
+        self._publish_retry = within(publish_timeout, wait_max=PUBLISH_WAIT_MAX)
         self._instance = uuid.uuid4().hex[:10]
         self._fanout_ids = itertools.count(1)
         self._js: JetStreamContext | None = None
         self.replicas = self.stream.replicas or 1
         self.duplicates = 0  # publishes the stream recognised as already stored
+        self.in_progress = 0  # 10158 answers: an earlier attempt was still being stored
 
     # -- what the consumers read -----------------------------------------------------
 
@@ -258,13 +268,24 @@ class JetStreamTransport(NatsTransportBase):
         self._local.counters.published += 1
 
     async def _publish_acked(self, subject: str, payload: bytes, msg_id: str, topic: str) -> None:
+        """Publish until the stream acks, every attempt with the same message id.
+
+        The one retry loop of JetStream publishes: a lost connection, a timeout, an
+        election (503) and an attempt still being stored (10158) are all retried with
+        backoff; the first answer with a sequence (new or ``duplicate``) ends it.
+        """
         headers = {MSG_ID: msg_id}
+        conn = self._conn
 
         async def once() -> None:
-            with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
-                ack = await self.js.publish(
-                    subject, payload, timeout=self.ack_timeout, headers=headers
-                )
+            try:
+                with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                    ack = await conn.until_lost(
+                        self.js.publish(subject, payload, timeout=self.ack_timeout, headers=headers)
+                    )
+            except PublishInProgressError:
+                self.in_progress += 1
+                raise
             if ack.duplicate:
                 self.duplicates += 1
 
@@ -290,10 +311,10 @@ class JetStreamTransport(NatsTransportBase):
         try:
             with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
                 async with asyncio.timeout(self.ack_timeout):
-                    ack = await future
+                    ack = await self._conn.until_lost(future)
             if ack.duplicate:
                 self.duplicates += 1
-        except ConnectionLostError:
+        except (ConnectionLostError, PublishInProgressError):  # no ack: the retry loop's turn
             await self._publish_acked(subject, payload, msg_id, topic)
         self._local.counters.published += 1
 
@@ -388,4 +409,5 @@ class JetStreamTransport(NatsTransportBase):
             "consumers_recreated": sum(c.recreated for c in consumers),
             "duplicates_dropped": sum(c.skipped_duplicates for c in consumers),
             "duplicate_publishes": self.duplicates,
+            "publish_in_progress": self.in_progress,
         }

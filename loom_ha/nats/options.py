@@ -1,20 +1,249 @@
-"""JetStream's options: the stream events are kept in, and how consumers deliver.
+"""Options of the NATS backends: the connection (servers, credentials, failure detection),
+the stream events are kept in, and how consumers deliver.
 
-Their own module, so the consumer code reads them without importing the transport.
+Their own module, so the connection and consumer code read them without importing a
+transport. Server URLs are parsed here once: credentials in a URL are taken out of it, so
+no URL loom-ha keeps, shows or logs carries a secret.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from loom_ha.errors import ConfigurationError
 from loom_ha.policy import DeliveryPolicy
 
-__all__ = ["ConsumerOptions", "StreamOptions"]
+__all__ = [
+    "DEFAULT_SERVERS",
+    "URL_OPTIONS",
+    "ConnectionOptions",
+    "ConsumerOptions",
+    "NatsOptions",
+    "StreamOptions",
+    "url_options",
+]
 
+DEFAULT_SERVERS: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+_SCHEMES = ("nats", "tls")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """Keyword options every NATS transport accepts (see `NatsOptions`)."""
+
+    user: str
+    password: str
+    token: str
+    tls: ssl.SSLContext
+    tls_ca_file: str
+    tls_hostname: str
+    name: str
+    connect_timeout: float
+    reconnect_wait: float
+    max_reconnect_attempts: int | None
+    ping_interval: float
+    max_outstanding_pings: int
+    reconnect_buffer: int
+
+
+URL_OPTIONS: dict[str, Callable[[str], object]] = {
+    "ping_interval": float,
+    "max_outstanding_pings": int,
+    "connect_timeout": float,
+    "reconnect_wait": float,
+}
+"""Connection options a transport URL may set (``nats://n1,n2?ping_interval=1``)."""
+
+
+def url_options(pairs: Iterable[tuple[str, str]]) -> ConnectionOptions:
+    """The connection options in a URL's query pairs, converted (ranges are checked by
+    `NatsOptions.build`).
+
+    Raises:
+        ConfigurationError: an unknown option, or a value of the wrong type (named).
+    """
+    found: dict[str, object] = {}
+    unknown = []
+    for name, text in pairs:
+        kind = URL_OPTIONS.get(name)
+        if kind is None:
+            unknown.append(name)
+            continue
+        try:
+            found[name] = kind(text)
+        except ValueError:
+            raise ConfigurationError(
+                f"option {name}={text!r} is not a valid {getattr(kind, '__name__', kind)}"
+            ) from None
+    if unknown:
+        raise ConfigurationError(f"unknown NATS URL option(s): {', '.join(unknown)}")
+    return found  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsOptions:
+    """Validated connection options.
+
+    Attributes:
+        servers: ``nats://`` or ``tls://`` URLs, without credentials (a URL's
+            ``user:password@`` or ``token@`` is moved to `user`/`password` or `token`).
+        user, password: user/password authentication; token: token authentication.
+        tls: client `SSLContext`; tls_ca_file: a CA file to trust instead (builds one).
+        tls_hostname: the name to verify the server certificate against.
+        name: connection name shown by the server's monitoring.
+        connect_timeout: bound of the first `connect()`, seconds.
+        reconnect_wait: pause before retrying a server that just failed, seconds.
+        max_reconnect_attempts: per server; None (default) never gives up.
+        ping_interval, max_outstanding_pings: a PING every `ping_interval` seconds; the
+            server is declared dead when `max_outstanding_pings` intervals in a row end
+            with its PING unanswered and no other sign of life (a message from it, our
+            backlog read by it), i.e. at most ``ping_interval * (max_outstanding_pings +
+            1)`` seconds (2 s by default) after its last one, idle or under load.
+        reconnect_buffer: bytes of publishes kept while reconnecting.
+    """
+
+    servers: tuple[str, ...] = DEFAULT_SERVERS
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    tls: ssl.SSLContext | None = None
+    tls_ca_file: str | None = None
+    tls_hostname: str | None = None
+    name: str = "loom-ha"
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 1.0
+    max_reconnect_attempts: int | None = None
+    ping_interval: float = 0.5
+    max_outstanding_pings: int = 3
+    reconnect_buffer: int = 8 * 1024 * 1024
+
+    @classmethod
+    def build(cls, servers: Sequence[str] | str, **options: object) -> NatsOptions:
+        """Validate `servers` and `options`; move credentials out of the URLs.
+
+        Raises:
+            ConfigurationError: naming the bad URL (without its credentials), URL part or
+                option.
+        """
+        urls = (servers,) if isinstance(servers, str) else tuple(servers)
+        if not urls:
+            raise ConfigurationError("servers: give at least one nats:// URL")
+        unknown = set(options) - set(ConnectionOptions.__annotations__)
+        if unknown:
+            raise ConfigurationError(f"unknown NATS option(s): {', '.join(sorted(unknown))}")
+        public: list[str] = []
+        found: set[tuple[str | None, str | None, str | None]] = set()
+        for url in urls:
+            plain, credentials = _split_credentials(url)
+            _check_url(plain)
+            public.append(plain)
+            if credentials is not None:
+                found.add(credentials)
+        if found:
+            options.update(_merge_credentials(found, options))
+        made = cls(servers=tuple(public), **options)  # type: ignore[arg-type]
+        made._check()
+        return made
+
+    @property
+    def detection_time(self) -> float:
+        """The longest a server may stay silent before it is declared dead, seconds."""
+        return self.ping_interval * (self.max_outstanding_pings + 1)
+
+    def _check(self) -> None:
+        if (self.user is None) != (self.password is None):
+            raise ConfigurationError("user and password: give both or neither")
+        if self.token is not None and self.user is not None:
+            raise ConfigurationError("token: use either user/password or a token, not both")
+        for name in ("connect_timeout", "reconnect_wait", "ping_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+        attempts = self.max_reconnect_attempts
+        if attempts is not None and (not isinstance(attempts, int) or attempts < 1):
+            raise ConfigurationError(
+                f"max_reconnect_attempts must be None (never give up) or >= 1, got {attempts!r}"
+            )
+        pings = self.max_outstanding_pings
+        if not isinstance(pings, int) or pings < 1 or self.reconnect_buffer < 0:
+            raise ConfigurationError(
+                f"max_outstanding_pings must be an int >= 1 (got {pings!r}), reconnect_buffer >= 0"
+            )
+        if self.tls is not None and self.tls_ca_file is not None:
+            raise ConfigurationError("tls and tls_ca_file: give one of them")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context (from `tls`, `tls_ca_file`, or None)."""
+        if self.tls is not None:
+            return self.tls
+        if self.tls_ca_file is not None:
+            try:
+                return ssl.create_default_context(cafile=self.tls_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigurationError(f"tls_ca_file {self.tls_ca_file!r}: {exc}") from exc
+        return None
+
+
+def _split_credentials(url: object) -> tuple[str, tuple[str | None, str | None, str | None] | None]:
+    """`url` without its ``user:password@`` / ``token@`` part, and that part as
+    (user, password, token), percent-decoded; None when the URL has none."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"servers: {url!r} is not a URL string")
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    plain = urlunsplit(parts._replace(netloc=host))
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        return plain, (unquote(user), unquote(password), None)
+    return plain, (None, None, unquote(user))
+
+
+def _merge_credentials(
+    found: set[tuple[str | None, str | None, str | None]], options: dict[str, object]
+) -> dict[str, object]:
+    """The one set of credentials the URLs carry, checked against the options.
+
+    nats-py would use a URL's credentials only for that URL, not for the servers the
+    cluster announces; loom-ha uses them for every server (one account per cluster).
+    """
+    if len(found) > 1:
+        raise ConfigurationError(
+            "servers: the URLs carry different credentials; give one user/password or token"
+        )
+    user, password, token = found.pop()
+    given = (options.get("user"), options.get("password"), options.get("token"))
+    if given != (None, None, None) and given != (user, password, token):
+        raise ConfigurationError(
+            "credentials are given both in a server URL and as options, and they differ: "
+            "give them once"
+        )
+    return {"user": user, "password": password, "token": token}
+
+
+def _check_url(url: str) -> None:
+    """Check one server URL (already without credentials: messages may show it)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"server URL {url!r}: bad port ({exc})") from exc
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"server URL {url!r}: scheme {parts.scheme!r} is not one of {', '.join(_SCHEMES)}"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"server URL {url!r}: no host")
+    if port == 0:
+        raise ConfigurationError(f"server URL {url!r}: port 0")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigurationError(f"server URL {url!r}: unexpected path, query or fragment")
 
 
 @dataclass(frozen=True, kw_only=True)

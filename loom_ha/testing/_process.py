@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Self
 
 from ._tls import TlsFiles
+from .netns import Placement
 
 __all__ = [
     "ServerNotReadyError",
@@ -142,6 +143,9 @@ def not_ready(
 class ServerProcess(Launcher):
     """Handle on one server subprocess bound to 127.0.0.1, logging into its working dir.
 
+    A `placement` binds another address and runs the process inside a network namespace
+    (see `loom_ha.testing.netns`).
+
     Ports are fixed at construction, so `restart()` and `start()` after `kill()` bring the
     server back on the same address with the same working dir (and whatever it persisted).
     `stop()` is idempotent and leaves no process of the server's process group behind.
@@ -158,8 +162,11 @@ class ServerProcess(Launcher):
     tls: bool = False
     """Servers that support TLS set this; the certificates live in `workdir`."""
 
-    def __init__(self, *, name: str, workdir: Path | None = None) -> None:
+    def __init__(
+        self, *, name: str, workdir: Path | None = None, placement: Placement | None = None
+    ) -> None:
         self.name = name
+        self.placement = placement or Placement()
         self._owns_dir = workdir is None
         self._workdir = workdir
         self._proc: subprocess.Popen[bytes] | None = None
@@ -259,7 +266,7 @@ class ServerProcess(Launcher):
         self._reap()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare()
-        argv = self._command()
+        argv = self.placement.command(self._command())
         with self.log_path.open("ab") as log:
             log.write(f"\n{LAUNCH_MARKER} {' '.join(argv)}\n".encode())
             log.flush()

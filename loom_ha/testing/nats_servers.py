@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
-from ._net import LOCALHOST, free_ports, http_get, http_get_json
+from ._net import free_ports, http_get, http_get_json
 from ._process import (
     Launcher,
     ServerProcess,
@@ -23,6 +23,7 @@ from ._process import (
     wait_until,
 )
 from ._tls import make_test_certificates
+from .netns import Placement
 
 __all__ = ["NatsCluster", "NatsServer"]
 
@@ -34,10 +35,12 @@ class NatsServer(ServerProcess):
         port: client port; a free one by default.
         jetstream: enable JetStream with its store under the working dir (kept by `restart()`).
         monitoring_port: HTTP monitoring port; a free one by default.
-        user, password: require this user; token: require this token instead.
+        user: require this user (with `password`); token: require this token instead.
+        password: the password of `user`.
         tls: serve TLS with a fresh self-signed CA (see `ca_file`, `ssl_context()`).
         server_name: `-n`; cluster_port, routes, cluster_name: join a routed cluster.
         name: log/dir name; workdir: fixed dir (else an owned temp dir).
+        placement: bind this address inside this network namespace (default 127.0.0.1, ours).
     """
 
     def __init__(
@@ -56,13 +59,14 @@ class NatsServer(ServerProcess):
         cluster_name: str | None = None,
         name: str = "nats",
         workdir: Path | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        super().__init__(name=name, workdir=workdir)
+        super().__init__(name=name, workdir=workdir, placement=placement)
         if (user is None) != (password is None):
             raise ValueError("user and password go together")
         if token is not None and user is not None:
             raise ValueError("use either user/password or token")
-        self.host = LOCALHOST
+        self.host = self.placement.host
         self.port, self.monitoring_port = free_ports(2)
         if port is not None:
             self.port = port
@@ -164,6 +168,7 @@ class NatsCluster(Launcher):
 
     A node restarted after `kill()`/`stop()` keeps its ports and JetStream store, so it rejoins.
     Nodes live under `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes.
+    `placements` (one per node) put nodes on the hosts of a `loom_ha.testing.netns.Network`.
     """
 
     ready_timeout: float = 30.0
@@ -175,9 +180,13 @@ class NatsCluster(Launcher):
         jetstream: bool = True,
         cluster_name: str = "loomha",
         root: Path | None = None,
+        placements: Sequence[Placement] = (),
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
+        if placements and len(placements) != size:
+            raise ValueError(f"{len(placements)} placements for {size} nodes")
+        where = list(placements) or [Placement()] * size
         self.cluster_name = cluster_name
         self.jetstream = jetstream
         self._owns_root = root is None
@@ -186,7 +195,7 @@ class NatsCluster(Launcher):
         )
         ports = free_ports(3 * size)
         cluster_ports = ports[2 * size :]
-        route_urls = [f"nats://{LOCALHOST}:{p}" for p in cluster_ports]
+        route_urls = [f"nats://{where[i].host}:{p}" for i, p in enumerate(cluster_ports)]
         self.nodes: list[NatsServer] = [
             NatsServer(
                 ports[i],
@@ -198,6 +207,7 @@ class NatsCluster(Launcher):
                 cluster_name=cluster_name,
                 name=f"node{i}",
                 workdir=self._root / f"node{i}",
+                placement=where[i],
             )
             for i in range(size)
         ]
@@ -224,6 +234,36 @@ class NatsCluster(Launcher):
                 if candidate.server_name == leader and candidate.alive and not candidate.paused:
                     return candidate
         raise LookupError("no JetStream meta leader known")
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node named `server_name` (``node0``...).
+
+        Raises:
+            LookupError: no such node.
+        """
+        for node in self.nodes:
+            if node.server_name == server_name:
+                return node
+        raise LookupError(f"no node named {server_name!r}")
+
+    def stream_leader(self, stream: str) -> NatsServer:
+        """The node currently leading `stream`'s raft group, as a live node reports it.
+
+        Raises:
+            LookupError: no live node knows a leader (election in progress, or no stream).
+        """
+        for node in self.nodes:
+            if not node.alive or node.paused:
+                continue
+            try:
+                leader = _stream_leader_name(node.monitor("jsz?streams=true"), stream)
+            except OSError:
+                continue
+            if leader is not None:
+                found = self.node(leader)
+                if found.alive and not found.paused:
+                    return found
+        raise LookupError(f"no leader known for stream {stream!r}")
 
     def start(self) -> Self:
         """Launch every node at once and return once `wait_ready()` passes.
@@ -293,3 +333,15 @@ def _meta_leader_name(jsz: dict[str, object]) -> str | None:
         return None
     leader = meta.get("leader")
     return leader if isinstance(leader, str) and leader else None
+
+
+def _stream_leader_name(jsz: dict[str, object], stream: str) -> str | None:
+    accounts = jsz.get("account_details")
+    for account in accounts if isinstance(accounts, list) else ():
+        details = account.get("stream_detail") if isinstance(account, dict) else None
+        for detail in details if isinstance(details, list) else ():
+            if isinstance(detail, dict) and detail.get("name") == stream:
+                cluster = detail.get("cluster")
+                leader = cluster.get("leader") if isinstance(cluster, dict) else None
+                return leader if isinstance(leader, str) and leader else None
+    return None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import pytest
 
 if TYPE_CHECKING:
+    from .netns import Network
     from .servers import (
         ConsulAgent,
         ConsulCluster,
@@ -30,6 +31,7 @@ __all__ = [
     "consul_cluster",
     "nats_cluster",
     "nats_server",
+    "netns_network",
     "redis_sentinel",
     "redis_server",
     "server_launcher",
@@ -195,6 +197,31 @@ def consul_cluster() -> Iterator[ConsulCluster]:
 
     with _running(ConsulCluster(3)) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def netns_network() -> Iterator[Network]:
+    """A private network of Linux namespaces for partition tests, removed when the test ends.
+
+    `add(name)` makes a member (a namespace with a private address); servers go on members via
+    `placement=member.placement` and `netns_network.serve(launcher)`; the test process is
+    `netns_network.host`; `partition(groups)` / `heal()` cut and restore links. Needs root:
+    anything else fails the test with the reason (never a skip).
+    """
+    from .netns import Network, NetworkError
+
+    network = Network()
+    try:
+        network.start()
+    except NetworkError as exc:
+        reason = str(exc)
+    else:
+        try:
+            yield network
+        finally:
+            network.stop()
+        return
+    pytest.fail(reason, pytrace=False)
 
 
 @pytest.fixture

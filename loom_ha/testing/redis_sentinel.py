@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from ._net import LOCALHOST, RespError, RespValue, free_port, free_ports, resp_command
+from ._net import RespError, RespValue, free_port, free_ports, resp_command
 from ._process import (
     Launcher,
     ServerProcess,
@@ -21,6 +21,7 @@ from ._process import (
     stop_all,
     wait_until,
 )
+from .netns import Placement
 from .redis_servers import RedisServer, quote_config, write_config_once
 
 __all__ = ["RedisSentinel", "RedisSentinelCluster"]
@@ -44,9 +45,10 @@ class RedisSentinel(ServerProcess):
         auth_pass: str | None = None,
         name: str = "sentinel",
         workdir: Path | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        super().__init__(name=name, workdir=workdir)
-        self.host = LOCALHOST
+        super().__init__(name=name, workdir=workdir, placement=placement)
+        self.host = self.placement.host
         self.port = port if port is not None else free_port()
         self.master_name = master_name
         self.master = master
@@ -84,7 +86,7 @@ class RedisSentinel(ServerProcess):
         name = self.master_name
         lines = [
             f"port {self.port}",
-            f"bind {LOCALHOST}",
+            f"bind {self.host}",
             f"dir {quote_config(str(self.workdir))}",
             "daemonize no",
             'logfile ""',
@@ -112,6 +114,8 @@ class RedisSentinelCluster(Launcher):
     is the initial master; after a failover use `master()` / `master_address()`.
     `appendonly` and `extra_config` apply to every server (see `RedisServer`). Members live
     under `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes.
+    `placements` (one per process: servers, then sentinels) put members on the hosts of a
+    `loom_ha.testing.netns.Network`.
     """
 
     ready_timeout: float = 30.0
@@ -129,15 +133,20 @@ class RedisSentinelCluster(Launcher):
         appendonly: bool = False,
         extra_config: Sequence[str] = (),
         root: Path | None = None,
+        placements: Sequence[Placement] = (),
     ) -> None:
+        count = 1 + replicas + sentinels
+        if placements and len(placements) != count:
+            raise ValueError(f"{len(placements)} placements for {count} processes")
+        where = list(placements) or [Placement()] * count
         self.master_name = master_name
         self.password = password
         self._owns_root = root is None
         self._root = (
             root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-redis-sentinel-"))
         )
-        ports = free_ports(1 + replicas + sentinels)
-        master = (LOCALHOST, ports[0])
+        ports = free_ports(count)
+        master = (where[0].host, ports[0])
         self.servers: list[RedisServer] = [
             RedisServer(
                 ports[i],
@@ -147,6 +156,7 @@ class RedisSentinelCluster(Launcher):
                 extra_config=extra_config,
                 name=f"redis-{i}",
                 workdir=self._root / f"redis-{i}",
+                placement=where[i],
             )
             for i in range(1 + replicas)
         ]
@@ -161,6 +171,7 @@ class RedisSentinelCluster(Launcher):
                 auth_pass=password,
                 name=f"sentinel-{i}",
                 workdir=self._root / f"sentinel-{i}",
+                placement=where[1 + replicas + i],
             )
             for i, port in enumerate(ports[1 + replicas :])
         ]
@@ -172,7 +183,7 @@ class RedisSentinelCluster(Launcher):
 
     @property
     def url(self) -> str:
-        """`redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,.../<master_name>`."""
+        """`redis+sentinel://host1:p1,host2:p2,.../<master_name>`."""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
         return f"redis+sentinel://{hosts}/{self.master_name}"
 

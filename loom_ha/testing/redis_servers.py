@@ -12,6 +12,7 @@ from urllib.parse import quote
 from ._net import LOCALHOST, RespError, RespValue, free_port, resp_command
 from ._process import ServerProcess, find_server_binary
 from ._tls import make_test_certificates
+from .netns import Placement
 
 __all__ = ["RedisServer"]
 
@@ -41,6 +42,7 @@ class RedisServer(ServerProcess):
         masterauth: password for `replicaof` (defaults to `password`).
         extra_config: more redis.conf lines.
         name: log/dir name; workdir: fixed dir (else an owned temp dir).
+        placement: bind this address inside this network namespace (default 127.0.0.1, ours).
     """
 
     def __init__(
@@ -56,11 +58,12 @@ class RedisServer(ServerProcess):
         extra_config: Sequence[str] = (),
         name: str = "redis",
         workdir: Path | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        super().__init__(name=name, workdir=workdir)
+        super().__init__(name=name, workdir=workdir, placement=placement)
         if username is not None and password is None:
             raise ValueError("an ACL username needs a password")
-        self.host = LOCALHOST
+        self.host = self.placement.host
         self.port = port if port is not None else free_port()
         self.password = password
         self.username = username
@@ -77,7 +80,7 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        """`redis://[user:password@]127.0.0.1:PORT/0` (`rediss://` with TLS)."""
+        """`redis://[user:password@]HOST:PORT/0` (`rediss://` with TLS)."""
         scheme = "rediss" if self.tls else "redis"
         creds = ""
         if self.password is not None:
@@ -102,8 +105,10 @@ class RedisServer(ServerProcess):
 
     def _prepare(self) -> None:
         lines = [
-            f"bind {LOCALHOST}",
-            "protected-mode yes",
+            f"bind {self.host}",
+            # Protected mode refuses non-loopback clients of a password-less server; off the
+            # loopback it runs in a private test network namespace (`placement`).
+            f"protected-mode {'yes' if self.host == LOCALHOST else 'no'}",
             f"dir {quote_config(str(self.workdir))}",
             "daemonize no",
             'logfile ""',

@@ -52,6 +52,13 @@ def text(value: Any) -> str:
 
 
 class _TimerBoundWrites(AbstractConnection):
+    server_id: int | None = None
+    """Redis's ``CLIENT ID`` of this connection, once asked (`reader_id`); reset on disconnect."""
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self.server_id = None  # a reconnect is a new server-side client
+        await super().disconnect(*args, **kwargs)
+
     async def abort(self) -> None:
         """Drop the connection now: its server was given up.
 
@@ -95,6 +102,24 @@ class LeanSSLConnection(_TimerBoundWrites, SSLConnection):
 
 Abortable = _TimerBoundWrites
 """What every connection `ConnectionFactory` makes is: a connection with `abort()`."""
+
+
+async def reader_id(lease: aioredis.Redis) -> int:
+    """The ``CLIENT ID`` of a single-connection client's connection (asked once per connection).
+
+    A blocked read on it can then be woken with ``CLIENT UNBLOCK`` from another
+    connection: it returns normally and its connection stays usable, where
+    cancelling it would leave a reply in flight and cost the connection.
+    """
+    await lease.initialize()
+    conn = lease.connection
+    known = conn.server_id if isinstance(conn, Abortable) else None
+    if known is not None:
+        return known
+    found = int(await lease.client_id())
+    if isinstance(conn, Abortable):
+        conn.server_id = found
+    return found
 
 
 class LeanPool(ConnectionPool):

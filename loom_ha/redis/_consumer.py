@@ -6,7 +6,8 @@ after every handler succeeded, retry a failing handler with the DeliveryPolicy
 backoff (re-claiming the entry so the broker's delivery counter counts it),
 sweep entries idle members left behind with XAUTOCLAIM, and dead-letter an entry
 once its attempts are used up. A lost consumer group (NOGROUP: Redis restarted
-empty) is recreated from the stream's start and reported.
+empty) is recreated from the stream's start and reported. Stopping wakes a
+blocked read rather than cancelling it (`loom_ha.redis._wakeable`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis._connections import checkpoint
 from loom_ha.redis._errors import group_gone
+from loom_ha.redis._wakeable import WakeableReader
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.retry import RetryPolicy
 
@@ -81,6 +83,7 @@ class StreamConsumer:
         self._start_id = "0-0"
         self._inflight: set[tuple[bytes, bytes]] = set()
         self._acks: dict[bytes, list[bytes]] = {}
+        self._reader = WakeableReader()
 
     @property
     def in_flight(self) -> int:
@@ -100,12 +103,21 @@ class StreamConsumer:
             self._task = self.t.local.tasks.spawn(self._run(), name=f"consumer:{self.key.raw}")
 
     async def stop(self) -> None:
-        """Stop reading and retrying; unacknowledged group entries stay pending for others."""
-        tasks = [*self._retries, *([self._task] if self._task else [])]
+        """Stop reading and retrying; unacknowledged group entries stay pending for others.
+
+        Nothing is handled once this returns; a blocked read is woken, not cancelled, so
+        its connection goes back to the pool (subscribe/unsubscribe churn opens none).
+        """
+        self._reader.stopping = True
+        retries, task = [*self._retries], self._task
         self._retries.clear()
         self._task = None
-        for task in tasks:
-            await self.t.local.tasks.cancel(task)
+        for retry in retries:
+            await self.t.local.tasks.cancel(retry)
+        if task is not None:
+            await self._reader.stop(
+                task, self.t.connector, longest_read=self.t.block, cancel=self.t.local.tasks.cancel
+            )
 
     async def _prepare(self) -> None:
         seconds, micros = await self._call(lambda c: c.time(), "TIME")
@@ -168,7 +180,14 @@ class StreamConsumer:
         wildcard = self.key.pattern.is_wildcard
         next_discovery = time.monotonic() + t.discovery_interval
         next_claim = time.monotonic() + t.claim_interval
-        while True:
+        try:
+            await self._loop(wildcard, next_discovery, next_claim)
+        finally:
+            await self._reader.release()
+
+    async def _loop(self, wildcard: bool, next_discovery: float, next_claim: float) -> None:
+        t, reader = self.t, self._reader
+        while not reader.stopping:
             checkpoint()
             try:
                 now = time.monotonic()
@@ -179,9 +198,11 @@ class StreamConsumer:
                     await self._reclaim()
                     next_claim = now + t.claim_interval
                 if not self._cursors:  # a wildcard with no matching stream yet
-                    await asyncio.sleep(t.discovery_interval)
+                    await reader.parked(asyncio.sleep(t.discovery_interval))
                     continue
                 reply = await self._read(wildcard)
+                if reader.stopping:
+                    return  # woken by stop(): what it read stays pending (group) or unread
                 for stream, entries in reply or ():
                     for entry_id, fields in entries:
                         checkpoint()
@@ -194,19 +215,24 @@ class StreamConsumer:
                     await self._recreate_groups()
                     continue
                 log.error("redis-streams consumer %r: %s", self.key.raw, exc)
-                await asyncio.sleep(1.0)  # a non-transient error: do not spin
+                await reader.parked(asyncio.sleep(1.0))  # a non-transient error: do not spin
 
     async def _read(self, wildcard: bool) -> Any:
         t = self.t
         block = int(min(t.block, t.discovery_interval) * 1000 if wildcard else t.block * 1000)
-        cursors = dict(self._cursors)
+        cursors: dict[Any, Any] = dict(self._cursors)
+        read = self._reader.read
         if self.group is None:
             return await self._call(
-                lambda c: c.xread(cursors, count=t.batch, block=block), "XREAD", blocking=True
+                lambda c: read(c, lambda r: r.xread(cursors, count=t.batch, block=block)),
+                "XREAD",
+                blocking=True,
             )
         group, consumer = self.group, t.consumer_name
         return await self._call(
-            lambda c: c.xreadgroup(group, consumer, cursors, count=t.batch, block=block),
+            lambda c: read(
+                c, lambda r: r.xreadgroup(group, consumer, cursors, count=t.batch, block=block)
+            ),
             "XREADGROUP",
             blocking=True,
         )
@@ -230,8 +256,8 @@ class StreamConsumer:
         self, stream: bytes, entry_id: bytes, fields: dict[bytes, bytes] | None, *, deliveries: int
     ) -> None:
         t = self.t
-        if (stream, entry_id) in self._inflight:
-            return  # being retried by this consumer already
+        if self._reader.stopping or (stream, entry_id) in self._inflight:
+            return  # unsubscribed (left pending for the group), or being retried already
         topic = t.topic_of(stream)
         origin = f"{t.backend}:{topic}:{self.group or '(fan-out)'}:{t.consumer_name}"
         if not fields:
@@ -258,7 +284,7 @@ class StreamConsumer:
             return
         failed: list[tuple[Handler, BaseException]] = []
         for handler in t.local.table.recipients(self.key, topic):
-            error = await invoke(handler, topic, event, t.local.counters)
+            error = await self._reader.parked(invoke(handler, topic, event, t.local.counters))
             if error is not None:
                 failed.append((handler, error))
         if not failed:

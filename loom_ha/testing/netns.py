@@ -23,6 +23,7 @@ from ._iproute import (
     NetworkError,
     free_subnet,
     ip,
+    ip_batch,
     netns_exec,
     require_root,
     run_in_netns,
@@ -291,11 +292,14 @@ class Network:
         self._bridges[port] = bridge
 
     def _move(self, wanted: dict[str, str]) -> None:
+        """Plug every port into its wanted bridge in one `ip -batch` (one step for clients)."""
         existing = set(self._bridges.values())
+        moves = {p: b for p, b in wanted.items() if self._bridges.get(p) != b}
+        commands = []
         for bridge in sorted(set(wanted.values()) - existing):
-            self._add_bridge(bridge)
-        for port, bridge in wanted.items():
-            if self._bridges.get(port) != bridge:
-                self._plug(port, bridge)
-        for bridge in sorted(existing - set(wanted.values()) - {_MAIN_BRIDGE}):
-            ip("link", "delete", bridge, netns=self._switch)
+            commands += [f"link add {bridge} type bridge", f"link set {bridge} up"]
+        commands += [f"link set {port} master {bridge} up" for port, bridge in moves.items()]
+        unused = sorted(existing - set(wanted.values()) - {_MAIN_BRIDGE})
+        commands += [f"link delete {bridge}" for bridge in unused]
+        ip_batch(commands, netns=self._switch)
+        self._bridges.update(moves)

@@ -34,6 +34,8 @@ class Pacer:
     errors: list[str] = field(default_factory=list)
     longest: float = 0.0
     """The longest single publish call (stall), seconds."""
+    calls: list[tuple[float, float]] = field(default_factory=list)
+    """(began, seconds) of every publish call: tells a stall at the cut from one at the heal."""
     stop: threading.Event = field(default_factory=threading.Event)
     moves: list[tuple[float, str | None]] = field(default_factory=list)
     """(when, endpoint) each time the publishing transport was seen on another server."""
@@ -52,7 +54,8 @@ class Pacer:
             else:
                 self.sent.append(event.id)
                 self.accepted_at.append(time.monotonic())
-            self.longest = max(self.longest, time.monotonic() - started)
+            self.calls.append((started, time.monotonic() - started))
+            self.longest = max(self.longest, self.calls[-1][1])
             endpoint = transport.statistics().endpoint
             if not self.moves or self.moves[-1][1] != endpoint:
                 self.moves.append((time.monotonic(), endpoint))
@@ -61,6 +64,14 @@ class Pacer:
     def moved_to(self, endpoint: str, after: float) -> float | None:
         """When the transport was first seen on `endpoint` after `after`, else None."""
         return next((t for t, e in self.moves if t > after and e == endpoint), None)
+
+    def longest_within(self, start: float, end: float = float("inf")) -> float:
+        """The longest publish call that began and returned between `start` and `end`, s."""
+        return max((t for b, t in self.calls if start <= b and b + t <= end), default=0.0)
+
+    def longest_running_after(self, start: float) -> float:
+        """The longest publish call still running at or after `start`, seconds."""
+        return max((t for b, t in self.calls if b + t >= start), default=0.0)
 
     def accepted_between(self, start: float, end: float = float("inf")) -> list[str]:
         """Ids whose publish returned between `start` and `end` (monotonic seconds)."""
@@ -80,18 +91,22 @@ class Counter:
         self.first.setdefault(event.id, time.monotonic())
 
 
-async def eventually(condition: Callable[[], object], *, within: float, what: str) -> float:
+async def eventually(
+    condition: Callable[[], object], *, within: float, what: str | Callable[[], str]
+) -> float:
     """Poll `condition` (records of another thread have no signal); return when it held.
 
     Raises:
-        AssertionError: naming `what`, when `within` seconds passed first.
+        AssertionError: naming `what` (called, when it is a function, to describe the state
+            at the timeout), when `within` seconds passed first.
     """
     try:
         async with asyncio.timeout(within):
             while not condition():  # noqa: ASYNC110 - polling is the point
                 await asyncio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"{what}: not within {within}s") from None
+        described = what() if callable(what) else what
+        raise AssertionError(f"{described}: not within {within}s") from None
     return time.monotonic()
 
 

@@ -11,6 +11,10 @@ Two kinds of client were connected to the node when the link went down:
   other side) and are retried with the same message id until the partition heals; its core
   publishes reach nobody on the other side.
 
+After the heal the stream sometimes holds an election (the leader changes: the rejoining node
+campaigned while cut off), and publishes wait for it for a few seconds; none fails or is lost.
+That stall is the server's and is printed (`stall_after_heal`), not held to the move bound.
+
 The test prints sent / received / lost / duplicated / stall for each publisher. Cost: ~20 s
 (cluster start ~4 s, the 4 s partition, recovery and draining).
 """
@@ -114,13 +118,11 @@ async def test_one_node_cut_off_while_clients_stay_connected(netns_network: Netw
                 await eventually(
                     lambda: all(len(p.sent) >= 100 for p in pacers), within=30, what="publishing"
                 )
-                host.longest = 0.0  # the stall counted is the one across the cut
-                # Printed: a stall past MOVE_BOUND with the leader changed means the stream
-                # held an election (not the client's move) — seen once on a loaded machine.
                 leader_at_cut = await asyncio.to_thread(_leader_name, cluster)
                 net.partition([nodes[0], client])
                 cut = time.monotonic()
                 await asyncio.sleep(HOLD)  # the scenario: both sides work for a while
+                healing = time.monotonic()
                 net.heal()
                 healed = time.monotonic()
                 leader_after_heal = await asyncio.to_thread(_leader_name, cluster)
@@ -146,19 +148,22 @@ async def test_one_node_cut_off_while_clients_stay_connected(netns_network: Netw
             lambda: set(core_late) <= set(core_got.calls), within=30, what="core after heal"
         )
         consumer_moved = _moved(consumer, victim.url)
+        leader_at_end = await asyncio.to_thread(_leader_name, cluster)
     moved = next((t for t, e in host.moves if t > cut and e != victim.url), None)
+    cut_stall = max(moved - cut if moved else float("inf"), host.longest_within(cut, healing))
     report(
         "nats jetstream, node0 cut off",
         js_sent,
         got.calls,
-        stall=host.longest,
+        stall=cut_stall,
+        stall_after_heal=host.longest_running_after(healing),
         host_moved_after=(moved - cut) if moved else "-",
         host_sent_while_cut=len(host.accepted_between(cut, healed)),
         minority_stall=minority_js.longest,
         minority_acked_while_cut=len(minority_js.accepted_between(cut, healed)),
         minority_errors=len(minority_js.errors),
         consumer_moved=consumer_moved,
-        stream_leader=f"{leader_at_cut}->{leader_after_heal}",
+        stream_leader=f"{leader_at_cut}->{leader_after_heal}->{leader_at_end}",
     )
     core = report(
         "nats core from the minority side",
@@ -167,7 +172,7 @@ async def test_one_node_cut_off_while_clients_stay_connected(netns_network: Netw
         sent_while_cut=len(minority_core.accepted_between(cut, healed)),
         lost_of_those=len(set(minority_core.accepted_between(cut, healed)) - set(core_got.calls)),
     )
-    assert moved is not None and host.longest <= MOVE_BOUND
+    assert moved is not None and cut_stall <= MOVE_BOUND
     assert set(js_sent) <= set(got.calls)  # nothing acknowledged is lost, on either side
     assert not host.errors, host.errors[:3]
     assert core.unexpected == []

@@ -79,12 +79,18 @@ async def test_master_and_client_cut_from_the_sentinels(
                     lambda: _promoted_away(cluster, old.address), within=30, what="failover"
                 )
                 await asyncio.sleep(HOLD)  # the scenario: both sides serve for a while
-                net.heal()
+                # Taken before the heal: the client may move while `heal()` still returns.
                 healed = time.monotonic()
+                net.heal()
                 host, port = await asyncio.to_thread(cluster.master_address)
                 new = f"redis://{host}:{port}/0"
                 await eventually(
-                    lambda: pacer.moved_to(new, healed), within=30, what="client on new master"
+                    lambda: pacer.moved_to(new, healed),
+                    within=30,
+                    what=lambda: (
+                        f"client on {new} (moves {pacer.moves[-3:]}, "
+                        f"{len(pacer.sent)} sent, errors {pacer.errors[-3:]})"
+                    ),
                 )
                 moved = pacer.moved_to(new, healed) or healed
                 await eventually(

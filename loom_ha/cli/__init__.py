@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="throughput and latency against a baseline")
     bench.add_argument(
-        "--transport", choices=["memory", "redis", "nats", "balancing", "all"], default="memory"
+        "--transport",
+        choices=["memory", "redis", "nats", "balancing", "discovery", "all"],
+        default="memory",
     )
     bench.add_argument("--url", default=None, help="broker URL (default: start a local server)")
     bench.add_argument("--ha", action="store_true", help="add HATransport-vs-bare rows")
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pings", type=int, default=2_000, help="round trips for latency")
     bench.add_argument(
         "--rounds", type=int, default=5, help="alternating runs of each side; medians shown (5)"
+    )
+    bench.add_argument(
+        "--duration", type=float, default=120.0, help="discovery: seconds measured (120)"
     )
     bench.add_argument(
         "--soak",
@@ -112,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 url=args.url,
                 ha=args.ha,
                 rounds=args.rounds,
+                duration=args.duration,
             )
         )
     if args.command == "chaos":

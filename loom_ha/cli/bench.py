@@ -37,6 +37,7 @@ async def run_bench(
     url: str | None = None,
     ha: bool = False,
     rounds: int = 5,
+    duration: float = 120.0,
 ) -> int:
     """Measure and print; returns an exit code.
 
@@ -50,6 +51,12 @@ async def run_bench(
 
         rows = await balancing_rows(url, events // 4)
         render(console, rows, "loom-ha bench --transport balancing")
+        return 0
+    if transport == "discovery":  # registries at scale: URLs of registries, not brokers
+        from loom_ha.bench.discovery_scale import render_scale, run_scale
+
+        results = await run_scale(url.split(",") if url else None, duration=duration)
+        render_scale(console, results, "loom-ha bench --transport discovery")
         return 0
     wanted = ("memory", "redis", "nats") if transport == "all" else (transport,)
     rows = codec_rows()

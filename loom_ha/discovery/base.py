@@ -1,26 +1,29 @@
-"""The registry contract: `ServiceRegistry` (an ABC backends implement) and `Registration`.
+"""The registry contract: `ServiceRegistry` (an ABC backends implement) and its statistics.
 
-The base class owns everything that is the same on every backend: heartbeat tasks (one per
-registration, in a `TaskSupervisor`), re-registration when the backend forgot an instance,
-the stale cache, watches (see `loom_ha.discovery.watch`) and the close sequence. A backend
-only implements six small hooks.
+The base class owns everything that is the same on every backend: registrations and
+their heartbeats (`loom_ha.discovery.heartbeat`: one loop and one backend round per TTL,
+however many instances), the stale cache, watches (`loom_ha.discovery.watch`: one query
+loop per watched service, shared by its watchers) and the close sequence. A backend
+implements a few small hooks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
 from loom_ha._tasks import TaskSupervisor
-from loom_ha.discovery.instance import Health, ServiceInstance, ServiceSnapshot, validate_name
-from loom_ha.discovery.watch import Watch
+from loom_ha.discovery.heartbeat import Heartbeat, fan_out
+from loom_ha.discovery.instance import ServiceInstance, ServiceSnapshot, validate_name
+from loom_ha.discovery.probe import HealthCheck
+from loom_ha.discovery.registration import Registration
+from loom_ha.discovery.watch import Watch, WatchHub
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
-from loom_ha.retry import backoff_delay
 
 __all__ = ["Registration", "RegistryStatistics", "ServiceRegistry"]
 
@@ -31,7 +34,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, kw_only=True)
 class RegistryStatistics:
-    """A snapshot of a registry's counters (read by tests, metrics and `loom-ha status`)."""
+    """A snapshot of a registry's counters (read by tests, metrics and `loom-ha status`).
+
+    `heartbeats` counts instance heartbeats the backend confirmed; `heartbeat_rounds` the
+    backend calls that carried them (one per TTL group and interval, whatever the count of
+    instances); `watched_services` the query loops shared by `watches`.
+    """
 
     backend: str
     endpoint: str
@@ -42,76 +50,8 @@ class RegistryStatistics:
     watches: int
     tasks: int
     closed: bool
-
-
-class Registration:
-    """One registered instance and its heartbeat; returned by `ServiceRegistry.register()`.
-
-    The heartbeat runs every `interval` seconds (at most TTL/3) until `deregister()` or the
-    registry's `close()`. It reports the health set with `set_health()`, and registers the
-    instance again when the backend no longer knows it (Consul agent restart, Redis flush).
-    """
-
-    def __init__(
-        self, registry: ServiceRegistry, instance: ServiceInstance, *, ttl: float, interval: float
-    ) -> None:
-        self.registry = registry
-        self.instance = instance
-        self.ttl = ttl
-        self.interval = interval
-        self.heartbeats = 0
-        self.failures = 0
-        self.reregistrations = 0
-        self.last_heartbeat: float | None = None
-        self.last_error: str | None = None
-        self._health = Health.PASSING
-        self._note = ""
-        self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._active = True
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """(service, instance id)."""
-        return self.instance.service, self.instance.instance_id
-
-    @property
-    def active(self) -> bool:
-        """True until deregistered (or the registry closed)."""
-        return self._active
-
-    @property
-    def health(self) -> Health:
-        """The health this instance reports with each heartbeat."""
-        return self._health
-
-    def current(self) -> ServiceInstance:
-        """The instance as the next heartbeat reports it (health, note, time)."""
-        return self.instance.with_health(self._health, note=self._note, last_heartbeat=time.time())
-
-    async def set_health(self, health: Health, note: str = "") -> None:
-        """Report `health` (with a reason) now and with every later heartbeat.
-
-        ``CRITICAL`` or ``WARNING`` takes the instance out of the passing set at once;
-        ``PASSING`` brings it back. The heartbeat keeps the TTL alive either way.
-
-        Raises:
-            RegistryUnavailableError: the registry could not be told right now (the
-                heartbeat keeps retrying with the new health).
-        """
-        self._health, self._note = health, note
-        if self._active:
-            await self.registry._beat(self)
-
-    async def deregister(self) -> None:
-        """Stop the heartbeat and remove the instance; idempotent."""
-        await self.registry.deregister(self)
-
-    def __repr__(self) -> str:
-        service, instance_id = self.key
-        return (
-            f"<Registration {service}/{instance_id} {self._health.value} beats={self.heartbeats}>"
-        )
+    heartbeat_rounds: int = 0
+    watched_services: int = 0
 
 
 class ServiceRegistry(ABC):
@@ -121,7 +61,8 @@ class ServiceRegistry(ABC):
 
     * `register()` makes an instance visible (passing) before it returns and keeps it so
       with a heartbeat at most every TTL/3; when heartbeats stop (crash), the instance
-      leaves the passing set once its TTL expires.
+      leaves the passing set once its TTL expires. A registration with a liveness probe
+      that stops answering is reported critical while its siblings stay passing.
     * `instances()` returns passing instances only unless asked otherwise; while the backend
       is unreachable it serves the last good answer (see `snapshot()` for the stale flag).
     * `watch()` yields a snapshot at once, then one per change; while the backend is
@@ -131,7 +72,8 @@ class ServiceRegistry(ABC):
       ends every watch and leaves no task behind. Every method is safe to call concurrently.
 
     Implementing a backend: override `_put`, `_pulse`, `_remove`, `_query`, `_services` and
-    `_close`; raise `RegistryUnavailableError` for anything transient.
+    `_close` (and `_pulse_all` / `_remove_all` to batch); raise `RegistryUnavailableError`
+    for anything transient.
     """
 
     backend: str = "registry"
@@ -144,6 +86,9 @@ class ServiceRegistry(ABC):
         timeout: float = 5.0,
         deregister_after: float = 60.0,
         watch_wait: float = 10.0,
+        probe_timeout: float | None = None,
+        max_watches: int | None = None,
+        concurrency: int | None = None,
         endpoint: str = "",
     ) -> None:
         """
@@ -154,24 +99,34 @@ class ServiceRegistry(ABC):
             deregister_after: a critical instance is removed after this long (where the
                 backend supports it; Consul's floor is 60 s).
             watch_wait: longest a watch blocks in one query (Consul's ``wait``).
+            probe_timeout: how long a liveness probe may take before its instance counts
+                as hung; default a quarter of the heartbeat interval, at most half of it.
+            max_watches: most services watched at once (each holds one query loop).
+            concurrency: most backend calls in flight at once (None: no limit); more wait.
             endpoint: shown in statistics and errors.
         """
         check_times(ttl=ttl, interval=interval)
         if timeout <= 0 or watch_wait <= 0 or deregister_after <= 0:
             raise ConfigurationError("timeout, watch_wait and deregister_after must be > 0")
+        if probe_timeout is not None and probe_timeout <= 0:
+            raise ConfigurationError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        if max_watches is not None and max_watches < 1:
+            raise ConfigurationError(f"max_watches must be >= 1, got {max_watches}")
         self.ttl = ttl
         self.interval = interval
         self.timeout = timeout
         self.deregister_after = deregister_after
         self.watch_wait = watch_wait
+        self.probe_timeout = probe_timeout
         self.endpoint = endpoint
         self._tasks = TaskSupervisor(f"loom_ha.discovery.{self.backend}")
         self._registrations: dict[tuple[str, str], Registration] = {}
+        self._heartbeats: dict[tuple[float, float], Heartbeat] = {}
         self._last_good: dict[str, ServiceSnapshot] = {}
-        self._watches: set[Watch] = set()
+        self._hub = WatchHub(self, self._tasks, limit=max_watches)
+        self._slots = asyncio.Semaphore(concurrency) if concurrency is not None else None
         self._closed = False
         self._closing = asyncio.Event()
-        self._failures = self._reregistrations = self._heartbeats = 0
 
     # -- backend hooks -------------------------------------------------------------------------
 
@@ -181,11 +136,36 @@ class ServiceRegistry(ABC):
 
     @abstractmethod
     async def _pulse(self, instance: ServiceInstance, ttl: float) -> bool:
-        """Refresh the TTL and report `instance.health`; False if the backend forgot it."""
+        """Report `instance.health` now (and refresh its TTL); False if the backend forgot it."""
+
+    async def _pulse_all(
+        self,
+        instances: Sequence[ServiceInstance],
+        changed: Sequence[ServiceInstance],
+        ttl: float,
+    ) -> list[ServiceInstance]:
+        """One heartbeat round for every instance sharing `ttl`; return those the backend forgot.
+
+        Keeps every one of `instances` alive and reports the health of `changed` (those
+        whose health or note differs from what the backend was last told). Backends batch
+        here (a pipeline, one process-level check); this default pulses each in turn.
+        """
+        return [i for i in instances if not await self._pulse(i, ttl)]
 
     @abstractmethod
     async def _remove(self, instance: ServiceInstance) -> None:
         """Delete `instance`; deleting an unknown one is a no-op."""
+
+    async def _remove_all(self, instances: Sequence[ServiceInstance]) -> None:
+        """`close()` with deregistration: delete `instances` and whatever else this registry
+        keeps at the backend for its heartbeats.
+
+        Raises:
+            RegistryError: some could not be deleted (the first error; all were tried).
+        """
+        failed = await fan_out(instances, lambda i: self._call(self._remove(i), self.timeout))
+        if failed:
+            raise failed[0][1]
 
     @abstractmethod
     async def _query(
@@ -213,38 +193,55 @@ class ServiceRegistry(ABC):
         return self._closed
 
     async def register(
-        self, instance: ServiceInstance, *, ttl: float | None = None, interval: float | None = None
+        self,
+        instance: ServiceInstance,
+        *,
+        ttl: float | None = None,
+        interval: float | None = None,
+        probe: HealthCheck | None = None,
     ) -> Registration:
-        """Register `instance` (passing) and keep it alive with a heartbeat.
+        """Register `instance` (passing) and keep it alive with the registry's heartbeat.
+
+        Registrations sharing a TTL share one heartbeat: one loop and one backend round per
+        interval for all of them.
 
         Args:
             instance: what to announce; its `health` is ignored (it starts passing).
             ttl: this registration's TTL (default: the registry's).
             interval: heartbeat period (default and maximum: TTL/3).
+            probe: liveness probe, asked before every heartbeat round; an instance whose
+                probe fails or takes longer than the probe timeout is reported critical
+                (with the reason) until it answers again. Its handlers stuck means hung.
 
         Raises:
             RegistryError: the registry is closed, or this registry already registered
                 the same (service, instance id).
             RegistryUnavailableError: the backend cannot be reached (nothing was started).
-            ConfigurationError: bad ttl/interval.
+            ConfigurationError: bad ttl/interval/probe timeout.
         """
         self._check_open()
         ttl = self.ttl if ttl is None else ttl
         interval = self.interval if interval is None and ttl == self.ttl else interval
         check_times(ttl=ttl, interval=interval)
+        interval = interval or ttl / 3
+        limit = self.probe_timeout
+        if probe is not None and limit is not None and limit > interval / 2 + 1e-9:
+            raise ConfigurationError(
+                f"probe_timeout {self.probe_timeout}s must be at most half the heartbeat "
+                f"interval ({interval / 2:.3f}s): a hung probe delays the round's beat"
+            )
         key = (instance.service, instance.instance_id)
         if key in self._registrations:
             raise RegistryError(f"{key[0]}/{key[1]} is already registered by this registry")
-        registration = Registration(self, instance, ttl=ttl, interval=interval or ttl / 3)
+        registration = Registration(self, instance, ttl=ttl, interval=interval, probe=probe)
         self._registrations[key] = registration
         try:
-            await self._call(self._put(registration.current(), ttl), self.timeout)
-            await self._beat(registration)
+            await self._heartbeat(ttl, interval).join(registration)
         except BaseException:
-            self._registrations.pop(key, None)
+            if self._registrations.get(key) is registration:
+                del self._registrations[key]
             registration._active = False
             raise
-        self._tasks.spawn(self._heartbeat_loop(registration), name=f"heartbeat:{key[0]}/{key[1]}")
         return registration
 
     async def deregister(self, target: Registration | ServiceInstance) -> None:
@@ -258,7 +255,10 @@ class ServiceRegistry(ABC):
         registration = self._registrations.pop((instance.service, instance.instance_id), None)
         if registration is not None:
             registration._active = False
-            registration._wake.set()
+            heartbeat = self._heartbeats.get((registration.ttl, registration.interval))
+            if heartbeat is not None:
+                heartbeat.leave(registration)
+                await heartbeat.settle()  # a round in flight must not bring it back
         await self._call(self._remove(instance), self.timeout)
 
     async def snapshot(self, service: str, *, passing_only: bool = True) -> ServiceSnapshot:
@@ -299,11 +299,15 @@ class ServiceRegistry(ABC):
         """An async iterator of snapshots of `service`: the current one, then each change.
 
         Use ``async with registry.watch(s) as w: async for snap in w: ...``, or iterate it
-        directly and call `aclose()`. It ends when the registry closes.
+        directly and call `aclose()`. It ends when the registry closes. Every watch of one
+        service in this registry shares one query loop (one blocking query on Consul).
+
+        Raises:
+            ConfigurationError: a new service would pass `max_watches`.
         """
         self._check_open()
         validate_name(service, "service name")
-        return Watch(self, service, passing_only=passing_only)
+        return self._hub.watch(service, passing_only=passing_only)
 
     @property
     def registrations(self) -> list[Registration]:
@@ -312,16 +316,19 @@ class ServiceRegistry(ABC):
 
     def statistics(self) -> RegistryStatistics:
         """Counters and state."""
+        beats = self._heartbeats.values()
         return RegistryStatistics(
             backend=self.backend,
             endpoint=self.endpoint,
             registrations=len(self._registrations),
-            heartbeats=self._heartbeats,
-            heartbeat_failures=self._failures,
-            reregistrations=self._reregistrations,
-            watches=len(self._watches),
+            heartbeats=sum(h.beats for h in beats),
+            heartbeat_failures=sum(h.failures for h in beats),
+            reregistrations=sum(h.reregistrations for h in beats),
+            watches=self._hub.watches,
             tasks=self._tasks.running,
             closed=self._closed,
+            heartbeat_rounds=sum(h.rounds for h in beats),
+            watched_services=len(self._hub.feeds),
         )
 
     async def close(self, *, deregister: bool = True) -> None:
@@ -338,15 +345,13 @@ class ServiceRegistry(ABC):
         self._registrations.clear()
         for registration in registrations:
             registration._active = False
-            registration._wake.set()
         try:
             await self._tasks.aclose()
             if deregister:
-                for registration in registrations:
-                    try:
-                        await self._call(self._remove(registration.instance), self.timeout)
-                    except RegistryError as exc:
-                        log.warning("could not deregister %r on close: %s", registration, exc)
+                try:
+                    await self._remove_all([r.instance for r in registrations])
+                except RegistryError as exc:
+                    log.warning("could not deregister every instance on close: %s", exc)
         finally:
             await self._close()
 
@@ -362,8 +367,39 @@ class ServiceRegistry(ABC):
         if self._closed:
             raise RegistryError(f"{self.backend} registry is closed")
 
-    async def _call(self, operation: Awaitable[T], limit: float) -> T:
-        """Await a backend call with a deadline; a timeout is a transient failure."""
+    def _heartbeat(self, ttl: float, interval: float) -> Heartbeat:
+        """The heartbeat of registrations with this (ttl, interval), started when first asked."""
+        heartbeat = self._heartbeats.get((ttl, interval))
+        if heartbeat is None:
+            probe_timeout = self.probe_timeout if self.probe_timeout is not None else interval / 4
+            heartbeat = Heartbeat(self, ttl=ttl, interval=interval, probe_timeout=probe_timeout)
+            self._heartbeats[ttl, interval] = heartbeat
+            self._tasks.spawn(heartbeat.run(), name=f"heartbeat:ttl={ttl:g}s")
+        return heartbeat
+
+    async def _report(self, registration: Registration) -> None:
+        """Tell the backend `registration`'s health now (`Registration.set_health`)."""
+        heartbeat = self._heartbeats.get((registration.ttl, registration.interval))
+        if heartbeat is not None:
+            await heartbeat.report(registration)
+
+    async def _call(self, operation: Awaitable[T], limit: float, *, queued: bool = True) -> T:
+        """Await a backend call with a deadline; a timeout is a transient failure.
+
+        A `queued` call first waits for one of the registry's `concurrency` slots, and its
+        deadline starts once it has one: a thousand registrations started at once wait
+        their turn instead of timing out in the client's queue. Heartbeat rounds and watch
+        queries are not queued (they must not wait behind a registration storm). Never
+        nest queued calls.
+        """
+        slots = self._slots if queued else None
+        try:
+            if slots is not None:
+                await slots.acquire()
+        except BaseException:
+            if inspect.iscoroutine(operation):
+                operation.close()  # never started: no "never awaited" warning
+            raise
         try:
             async with asyncio.timeout(limit):
                 return await operation
@@ -371,6 +407,9 @@ class ServiceRegistry(ABC):
             raise RegistryUnavailableError(
                 f"{self.backend} at {self.endpoint} did not answer within {limit:.1f}s"
             ) from exc
+        finally:
+            if slots is not None:
+                slots.release()
 
     def _remember(self, service: str, index: int, found: list[ServiceInstance]) -> ServiceSnapshot:
         """Build a fresh snapshot of every instance and cache it for stale answers."""
@@ -378,60 +417,6 @@ class ServiceRegistry(ABC):
         snap = ServiceSnapshot(service=service, instances=ordered, index=index)
         self._last_good[service] = snap
         return snap
-
-    async def _beat(self, registration: Registration) -> None:
-        """One heartbeat: report health, re-register if the backend forgot the instance."""
-        async with registration._lock:
-            if not registration._active:
-                return
-            timeout = min(self.timeout, registration.ttl)
-            try:
-                if not await self._call(
-                    self._pulse(registration.current(), registration.ttl), timeout
-                ):
-                    log.warning(
-                        "%r unknown to %s: registering it again", registration, self.backend
-                    )
-                    await self._call(self._put(registration.current(), registration.ttl), timeout)
-                    registration.reregistrations += 1
-                    self._reregistrations += 1
-            except RegistryError as exc:
-                registration.failures += 1
-                registration.last_error = str(exc)
-                self._failures += 1
-                raise
-            registration.heartbeats += 1
-            self._heartbeats += 1
-            registration.last_heartbeat = time.time()
-            registration.last_error = None
-
-    async def _heartbeat_loop(self, registration: Registration) -> None:
-        # register() has just beaten: start with a pause. `_wake` is set only when the
-        # registration ends, so the loop exits promptly even if a client library swallowed
-        # the cancellation of an in-flight call.
-        delay = registration.interval
-        failures = 0
-        while True:
-            try:
-                async with asyncio.timeout(delay):
-                    await registration._wake.wait()
-            except TimeoutError:
-                pass
-            if not registration._active:
-                return
-            delay = registration.interval
-            try:
-                await self._beat(registration)
-                failures = 0
-            except RegistryError as exc:
-                # Retry sooner than the period, so one lost beat does not cost the TTL.
-                failures += 1
-                delay = backoff_delay(
-                    failures, initial=registration.interval / 4, cap=registration.interval
-                )
-                log.warning(
-                    "heartbeat of %r failed (%s); retrying in %.2fs", registration, exc, delay
-                )
 
     async def _sleep_unless_closed(self, delay: float) -> None:
         """Sleep `delay` seconds, or less if the registry starts closing."""

@@ -1,55 +1,72 @@
-"""ConsulRegistry: instances as Consul services with a TTL check, discovered by blocking queries.
+"""ConsulRegistry: instances as Consul services kept alive by one TTL check per process.
 
-Each instance is an agent service whose one check is a TTL check (``DeregisterCriticalServiceAfter``
-set); the heartbeat is a check update (pass / warn / fail) carrying the time in its output.
-Talks to Consul through py-consul's asyncio client (aiohttp).
+Each registry (one per process, in practice) registers one heartbeat service per TTL it
+uses, ``loom-ha-heartbeat`` with a TTL check; every instance is a service whose **alias
+check** follows that heartbeat (critical as soon as the process stops beating, Consul >=
+1.8), plus a status check while it reports something other than plain passing
+(`set_health`, a failing liveness probe). A heartbeat round is one request however many
+instances the process serves; discovery uses ``/v1/health/service`` with blocking queries,
+one per watched service, on a connection pool of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import os
 import re
-import ssl
-from collections.abc import Iterator, Mapping
+import socket
+import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from typing_extensions import override
 
-try:
-    import aiohttp
-    import consul.aio
-    import consul.base
-    from consul.exceptions import (
-        ACLDisabled,
-        ACLPermissionDenied,
-        BadRequest,
-        ClientError,
-        ConsulException,
-        NotFound,
-    )
-except ImportError as exc:  # the consul extra brings py-consul and its aiohttp
-    raise ImportError(
-        "loom_ha.discovery.consul needs py-consul: pip install 'loom-ha[consul]'"
-    ) from exc
-
+from loom_ha.discovery._consul_http import (
+    HEARTBEAT_SERVICE,
+    META_ADDRESS,
+    META_HEARTBEAT,
+    META_INSTANCE,
+    ConsulClient,
+    ConsulException,
+    TraceConfig,
+    duration,
+    heartbeat_output,
+    heartbeat_times,
+    host_port,
+    map_consul_errors,
+    parse_entry,
+    parse_heartbeat_output,
+    reports,
+    set_ttl_check,
+    status_check,
+)
 from loom_ha.discovery.base import ServiceRegistry
+from loom_ha.discovery.heartbeat import fan_out
 from loom_ha.discovery.instance import Health, ServiceInstance
-from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
+from loom_ha.errors import ConfigurationError
 
-__all__ = ["ConsulRegistry", "parse_consul_address"]
+__all__ = [
+    "HEARTBEAT_SERVICE",
+    "ConsulRegistry",
+    "heartbeat_output",
+    "map_consul_errors",
+    "parse_consul_address",
+    "parse_heartbeat_output",
+]
 
 DEFAULT_ADDRESS = ("http", "127.0.0.1", 8500)
 # Consul reaps critical services at most once a minute, whatever is asked (agent docs).
 _MIN_DEREGISTER_AFTER = 60.0
-# Meta keys loom-ha adds to what the instance carries (removed again when discovered).
-META_INSTANCE = "loom_instance"
-META_ADDRESS = "loom_address"
-_HEARTBEAT = re.compile(r"^loom-ha heartbeat (\d+(?:\.\d+)?)(?:; (.*))?$", re.DOTALL)
-# Consul 1.8 answers 500 `CheckID "x" does not have associated TTL` for a check it does not
-# know (e.g. after an agent restart, protoactor-dotnet #442); later versions answer 404.
-_UNKNOWN_CHECK = ("does not have associated ttl", "unknown check")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+# Every this many rounds, a heartbeat also lists the process's services on the agent (one
+# request, O(instances) bytes) to register again any removed behind its back; an agent
+# restart is noticed at once (its heartbeat check is gone), this is for the rest.
+RECONCILE_EVERY = 10
+# Connections a process keeps for its heartbeat rounds, apart from every other call: a
+# round must not wait behind its own registration storm.
+_BEAT_CONNECTIONS = 2
 
 
 def parse_consul_address(
@@ -92,78 +109,14 @@ def _parse_url(url: str, *, what: str) -> tuple[str, str, int]:
     return schemes[parts.scheme], parts.hostname, port or DEFAULT_ADDRESS[2]
 
 
-class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
-    """py-consul's aiohttp adapter, built without aiohttp's deprecated connector arguments.
-
-    py-consul 1.8's `HTTPClient.__init__` always passes ``verify_ssl=`` (and ``ssl_context=``)
-    to `aiohttp.TCPConnector`; aiohttp 3.14 deprecates both (a DeprecationWarning on every
-    client). We skip that constructor and build the same session with ``ssl=``; requests and
-    `close()` are py-consul's own.
-    """
-
-    def __init__(
-        self, host: str, port: int, scheme: str, *, verify: bool | str, cert: object
-    ) -> None:
-        consul.base.HTTPClient.__init__(self, host, port, scheme, verify=verify, cert=cert)
-        self.loop = None
-        tls: ssl.SSLContext | bool = True
-        if scheme == "https":
-            context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-            if verify is False:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if isinstance(cert, tuple):
-                context.load_cert_chain(*cert)
-            elif isinstance(cert, str):
-                context.load_cert_chain(cert)
-            tls = context
-        # No connection limit: every watch holds one connection for its blocking query.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls, limit=0))
-
-
-class _Consul(consul.aio.Consul):  # type: ignore[misc]
-    def http_connect(
-        self, host: str, port: int, scheme: str, verify: bool | str = True, cert: object = None
-    ) -> _HTTPClient:
-        return _HTTPClient(host, port, scheme, verify=verify, cert=cert)
-
-
-@contextlib.contextmanager
-def map_consul_errors(endpoint: str) -> Iterator[None]:
-    """Translate py-consul / aiohttp errors into loom-ha's, keeping the cause."""
-    try:
-        yield
-    except (ACLPermissionDenied, ACLDisabled) as exc:
-        raise RegistryError(
-            f"consul at {endpoint} denied the request ({exc}): set CONSUL_HTTP_TOKEN or token="
-        ) from exc
-    except (BadRequest, ClientError) as exc:
-        raise RegistryError(f"consul at {endpoint} rejected the request: {exc}") from exc
-    except (ConsulException, aiohttp.ClientError, OSError) as exc:
-        # 5xx (no cluster leader during an election), timeouts, refused or reset connections.
-        raise RegistryUnavailableError(f"consul at {endpoint} unavailable: {exc}") from exc
-
-
-def heartbeat_output(instance: ServiceInstance) -> str:
-    """The check output of a heartbeat: its time, then the health note if any."""
-    text = f"loom-ha heartbeat {instance.last_heartbeat or 0.0:.3f}"
-    return f"{text}; {instance.note}" if instance.note else text
-
-
-def parse_heartbeat_output(output: str) -> tuple[float | None, str]:
-    """(heartbeat time, note) from a check output written by `heartbeat_output`."""
-    match = _HEARTBEAT.match(output or "")
-    if match is None:
-        return None, output or ""
-    return float(match.group(1)) or None, match.group(2) or ""
-
-
 class ConsulRegistry(ServiceRegistry):
-    """A registry on Consul: each instance is a service with a TTL check on the agent.
+    """A registry on Consul: instances are agent services bound to one process heartbeat.
 
     Registrations go to the agent at the configured address (the local agent, in
-    production); discovery uses ``/v1/health/service`` with blocking queries. When the agent
-    forgets an instance (restart), the next heartbeat registers it again.
+    production). Per heartbeat round the process sends one TTL pass, plus one status update
+    per instance whose health changed; when the process dies, its heartbeat check expires
+    and the agent turns every instance's alias check critical at once. When the agent
+    forgets the process (restart), the next round registers everything again.
     """
 
     backend = "consul"
@@ -183,9 +136,14 @@ class ConsulRegistry(ServiceRegistry):
         timeout: float = 5.0,
         deregister_after: float = 60.0,
         watch_wait: float = 10.0,
+        probe_timeout: float | None = None,
+        max_connections: int = 8,
+        max_watches: int = 32,
+        trace_configs: Sequence[TraceConfig] = (),
+        process_id: str | None = None,
     ) -> None:
-        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`: see `ServiceRegistry`
-        (`deregister_after` below 60 s is raised to 60 s, Consul's floor).
+        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`, `probe_timeout`: see
+        `ServiceRegistry` (`deregister_after` below 60 s is raised to 60 s, Consul's floor).
 
         Args:
             url: ``consul://host:port`` (``consul+https://`` for TLS, or http(s)://).
@@ -194,30 +152,55 @@ class ConsulRegistry(ServiceRegistry):
             token: ACL token; default ``CONSUL_HTTP_TOKEN``.
             datacenter: query this datacenter (default: the agent's).
             verify: TLS verification (bool or CA bundle path); cert: client certificate.
+            max_connections: connection pool of calls (registrations, reports, reads);
+                more calls at once wait for a free one.
+            max_watches: most services watched at once; each holds one connection for its
+                blocking query. A process holds at most 2 (heartbeats) + `max_connections`
+                + `max_watches` connections; keep the sum over a host's processes below the
+                agent's ``http_max_conns_per_client`` (200 by default).
+            trace_configs: aiohttp trace configs for every request (metrics, tracing).
+            process_id: names this registry's heartbeat service; default host-pid-random.
 
         Raises:
-            ConfigurationError: the address is invalid (named in the message).
+            ConfigurationError: the address or a limit is invalid (named in the message).
         """
         scheme, self.host, self.port = parse_consul_address(url, host=host, port=port)
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, got {max_connections}")
         super().__init__(
             ttl=ttl,
             interval=interval,
             timeout=timeout,
             deregister_after=max(deregister_after, _MIN_DEREGISTER_AFTER),
             watch_wait=watch_wait,
+            probe_timeout=probe_timeout,
+            max_watches=max_watches,
+            concurrency=max_connections,
             endpoint=f"{scheme}://{self.host}:{self.port}",
         )
         self.scheme = scheme
         self.token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN") or None
         self.datacenter = datacenter
+        self.process_id = _UNSAFE.sub("-", process_id or _default_process_id())
+        self.max_connections = max_connections
+        self.max_watches = max_watches
         self._verify = verify
         self._cert = cert
-        self._consul: Any = None
+        self._trace_configs = tuple(trace_configs)
+        self._clients: dict[str, Any] = {}
+        self._beating: set[str] = set()  # heartbeat services the agent has (as far as we know)
+        self._beat_lock = asyncio.Lock()
+        self._rounds: dict[str, int] = {}
 
-    def _client(self) -> Any:
-        # Built lazily: aiohttp wants a running event loop for its session.
-        if self._consul is None:
-            client = _Consul(
+    def _client(self, pool: str = "calls") -> Any:
+        # Built lazily: aiohttp wants a running event loop for its session. Three pools:
+        # heartbeat rounds and blocking queries never wait behind other calls.
+        client = self._clients.get(pool)
+        if client is None:
+            limits = {"beats": _BEAT_CONNECTIONS, "watches": self.max_watches}
+            client = ConsulClient(
+                limit=limits.get(pool, self.max_connections),
+                trace_configs=self._trace_configs,
                 host=self.host,
                 port=self.port,
                 scheme=self.scheme,
@@ -227,8 +210,8 @@ class ConsulRegistry(ServiceRegistry):
             )
             # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; we prefer the argument.
             client.token = self.token
-            self._consul = client
-        return self._consul
+            self._clients[pool] = client
+        return client
 
     @staticmethod
     def service_id(instance: ServiceInstance) -> str:
@@ -237,25 +220,38 @@ class ConsulRegistry(ServiceRegistry):
 
     @classmethod
     def check_id(cls, instance: ServiceInstance) -> str:
-        """Consul check id of `instance`'s TTL check."""
+        """Consul check id of `instance`'s status check (the health it reports)."""
         return f"loom-ha:{cls.service_id(instance)}"
+
+    @classmethod
+    def alive_check_id(cls, instance: ServiceInstance) -> str:
+        """Consul check id of `instance`'s alias check on its process heartbeat."""
+        return f"loom-ha-alive:{cls.service_id(instance)}"
+
+    def heartbeat_id(self, ttl: float) -> str:
+        """Service id (and check id) of this registry's heartbeat for `ttl`."""
+        return f"{HEARTBEAT_SERVICE}:{self.process_id}:{duration(ttl)}"
 
     @override
     async def _put(self, instance: ServiceInstance, ttl: float) -> None:
-        host, port = _host_port(instance.address)
-        check = {
-            "CheckID": self.check_id(instance),
-            "Name": "loom-ha TTL heartbeat",
-            "TTL": _duration(ttl),
-            "DeregisterCriticalServiceAfter": _duration(self.deregister_after),
-            "Status": instance.health.value,
-            "Notes": f"heartbeat every <= {ttl / 3:.3g}s",
+        beat = await self._ensure_heartbeat(ttl)
+        host, port = host_port(instance.address)
+        alive = {
+            "CheckID": self.alive_check_id(instance),
+            "Name": "loom-ha process heartbeat",
+            "AliasService": beat,
+            # Passing from the start: the process registering it is beating right now.
+            "Status": Health.PASSING.value,
+            "DeregisterCriticalServiceAfter": duration(self.deregister_after),
+            "Notes": f"critical when {beat} stops (heartbeat every <= {ttl / 3:.3g}s)",
         }
         meta = {
             **instance.meta,
             META_INSTANCE: instance.instance_id,
             META_ADDRESS: instance.address,
+            META_HEARTBEAT: beat,
         }
+        reported = reports(instance)
         with map_consul_errors(self.endpoint):
             await self._client().agent.service.register(
                 instance.service,
@@ -265,25 +261,85 @@ class ConsulRegistry(ServiceRegistry):
                 tags=list(instance.tags),
                 meta=meta,
                 weights={"Passing": instance.weight, "Warning": 1},
-                check=check,
+                check=alive,
+                extra_checks=[status_check(self.check_id(instance), instance)] if reported else [],
             )
+        if reported:  # a check is registered without output: write the reason
+            await self._set_status(instance, "calls")
 
     @override
-    async def _pulse(self, instance: ServiceInstance, ttl: float) -> bool:
-        checks = self._client().agent.check
+    async def _pulse(self, instance: ServiceInstance, ttl: float, pool: str = "calls") -> bool:
+        checks = self._client(pool).agent.check
+        if not reports(instance):
+            # Passing, nothing to say: the alias check says it all, the status check goes.
+            with map_consul_errors(self.endpoint):
+                await checks.deregister(self.check_id(instance))
+            return True
+        if await self._set_status(instance, pool):
+            return True
+        with map_consul_errors(self.endpoint):
+            try:  # its first report: add the status check to the instance's service
+                definition = status_check(self.check_id(instance), instance)
+                await checks.register(
+                    definition.pop("Name"),
+                    check=definition,  # this endpoint names the id "ID", not "CheckID"
+                    check_id=definition.pop("CheckID"),
+                    service_id=self.service_id(instance),
+                )
+            except ConsulException as exc:
+                if "does not exist" not in str(exc):
+                    raise
+                self._beating.discard(self.heartbeat_id(ttl))  # the agent forgot: maybe all
+                return False
+        return await self._set_status(instance, pool)
+
+    async def _set_status(self, instance: ServiceInstance, pool: str) -> bool:
+        """Set the status check (pass / warn / fail, with the note); False if it is absent."""
+        checks = self._client(pool).agent.check
         update = {Health.PASSING: checks.ttl_pass, Health.WARNING: checks.ttl_warn}.get(
             instance.health, checks.ttl_fail
         )
+        return await set_ttl_check(
+            self.endpoint, update, self.check_id(instance), heartbeat_output(instance)
+        )
+
+    @override
+    async def _pulse_all(
+        self,
+        instances: Sequence[ServiceInstance],
+        changed: Sequence[ServiceInstance],
+        ttl: float,
+    ) -> list[ServiceInstance]:
+        beat = self.heartbeat_id(ttl)
+        rounds = self._rounds[beat] = self._rounds.get(beat, 0) + 1
+        forgotten: list[ServiceInstance] = []
+        if not await self._beat(beat, len(instances)):
+            # Agent restarted (or the heartbeat was removed): which instances survived?
+            self._beating.discard(beat)
+            await self._ensure_heartbeat(ttl, pool="beats")
+            forgotten = await self._missing(beat, instances)
+        elif rounds % RECONCILE_EVERY == 0:
+            forgotten = await self._missing(beat, instances)
+        lost = {self.service_id(i) for i in forgotten}
+
+        async def report(instance: ServiceInstance) -> None:
+            if not await self._pulse(instance, ttl, pool="beats"):
+                forgotten.append(instance)
+
+        failed = await fan_out([i for i in changed if self.service_id(i) not in lost], report)
+        if failed:
+            raise failed[0][1]
+        return forgotten
+
+    async def _missing(
+        self, beat: str, instances: Sequence[ServiceInstance]
+    ) -> list[ServiceInstance]:
+        """Those of `instances` (all bound to `beat`) the agent does not have."""
         with map_consul_errors(self.endpoint):
-            try:
-                await update(self.check_id(instance), notes=heartbeat_output(instance))
-            except NotFound:
-                return False
-            except ConsulException as exc:
-                if any(marker in str(exc).lower() for marker in _UNKNOWN_CHECK):
-                    return False
-                raise
-        return True
+            known = await self._client("beats").agent.services(
+                filter_expr=f'Meta.{META_HEARTBEAT} == "{beat}"'
+            )
+        return [i for i in instances if self.service_id(i) not in (known or {})]
 
     @override
     async def _remove(self, instance: ServiceInstance) -> None:
@@ -291,26 +347,38 @@ class ConsulRegistry(ServiceRegistry):
             await self._client().agent.service.deregister(self.service_id(instance))
 
     @override
+    async def _remove_all(self, instances: Sequence[ServiceInstance]) -> None:
+        # Instances first: removing the heartbeat first would show them critical meanwhile.
+        try:
+            await super()._remove_all(instances)
+        finally:
+            beats, self._beating = sorted(self._beating), set()
+            for beat in beats:
+                with map_consul_errors(self.endpoint):
+                    await self._call(self._client().agent.service.deregister(beat), self.timeout)
+
+    @override
     async def _query(
         self, service: str, index: int, wait: float
     ) -> tuple[int, list[ServiceInstance]]:
+        client = self._client("watches" if index else "calls")
         with map_consul_errors(self.endpoint):
-            raw_index, nodes = await self._client().health.service(
-                service, index=index or None, wait=_duration(wait) if index else None
+            raw_index, nodes = await client.health.service(
+                service, index=index or None, wait=duration(wait) if index else None
             )
-        found = [i for i in (self._parse(service, n) for n in nodes or ()) if i is not None]
+        found = [i for i in (parse_entry(service, n) for n in nodes or ()) if i is not None]
         return int(raw_index), found
 
     @override
     async def _services(self) -> list[str]:
         with map_consul_errors(self.endpoint):
             _, services = await self._client().catalog.services()
-        return [name for name in services or {} if name != "consul"]
+        return [name for name in services or {} if name not in ("consul", HEARTBEAT_SERVICE)]
 
     @override
     async def _close(self) -> None:
-        client, self._consul = self._consul, None
-        if client is not None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
             await client.close()
 
     async def local_heartbeats(self) -> dict[tuple[str, str], float]:
@@ -322,63 +390,42 @@ class ConsulRegistry(ServiceRegistry):
         self._check_open()
         with map_consul_errors(self.endpoint):
             checks = await self._call(self._client().agent.checks(), self.timeout)
-        beats: dict[tuple[str, str], float] = {}
-        for check in (checks or {}).values():
-            check_id = str(check.get("CheckID", ""))
-            if not check_id.startswith("loom-ha:"):
-                continue
-            _, service, instance_id = check_id.split(":", 2)
-            when, _ = parse_heartbeat_output(str(check.get("Output", "")))
-            if when is not None:
-                beats[service, instance_id] = when
-        return beats
+            services = await self._call(self._client().agent.services(), self.timeout)
+        return heartbeat_times(checks or {}, services or {})
 
-    def _parse(self, service: str, node: Mapping[str, Any]) -> ServiceInstance | None:
-        """A ServiceInstance from one `/v1/health/service` entry (None if not representable)."""
-        svc = node.get("Service") or {}
-        meta = dict(svc.get("Meta") or {})
-        instance_id = meta.pop(META_INSTANCE, None) or svc.get("ID", "")
-        address = meta.pop(META_ADDRESS, None)
-        if address is None:
-            address = f"{svc.get('Address')}:{svc.get('Port')}" if svc.get("Address") else ""
-        checks = node.get("Checks") or []
-        states = [_health(str(c.get("Status"))) for c in checks]
-        own = [c for c in checks if str(c.get("CheckID", "")).startswith("loom-ha:")]
-        when, note = parse_heartbeat_output(str(own[0].get("Output", ""))) if own else (None, "")
-        try:
-            return ServiceInstance(
-                service=service,
-                instance_id=instance_id,
-                address=address,
-                tags=tuple(svc.get("Tags") or ()),
-                meta=meta,
-                weight=int((svc.get("Weights") or {}).get("Passing", 1)) or 1,
-                health=Health.worst(states),
-                note=note,
-                last_heartbeat=when,
-            )
-        except ConfigurationError:
-            return None  # a foreign service whose id or meta loom-ha cannot represent
+    async def _ensure_heartbeat(self, ttl: float, pool: str = "calls") -> str:
+        """Register this process's heartbeat service for `ttl` unless the agent has it."""
+        beat = self.heartbeat_id(ttl)
+        if beat in self._beating:
+            return beat
+        async with self._beat_lock:
+            if beat in self._beating:
+                return beat
+            check = {
+                "CheckID": beat,
+                "Name": "loom-ha TTL heartbeat",
+                "TTL": duration(ttl),
+                "Status": Health.PASSING.value,
+                "DeregisterCriticalServiceAfter": duration(self.deregister_after),
+                "Notes": f"heartbeat every <= {ttl / 3:.3g}s for every instance of the process",
+            }
+            meta = {"process": self.process_id, "pid": str(os.getpid())}
+            with map_consul_errors(self.endpoint):
+                await self._client(pool).agent.service.register(
+                    HEARTBEAT_SERVICE, service_id=beat, meta=meta, check=check
+                )
+            # A check is registered without output: write the first beat's time now.
+            await self._beat(beat, 0)
+            self._beating.add(beat)
+        return beat
+
+    async def _beat(self, beat: str, count: int) -> bool:
+        """Pass this process's heartbeat check; False if the agent does not know it."""
+        output = f"loom-ha heartbeat {time.time():.3f}; {count} instance(s)"
+        return await set_ttl_check(
+            self.endpoint, self._client("beats").agent.check.ttl_pass, beat, output
+        )
 
 
-def _health(status: str) -> Health:
-    try:
-        return Health(status)
-    except ValueError:
-        return Health.CRITICAL  # "maintenance" and anything unknown: not routable
-
-
-def _duration(seconds: float) -> str:
-    """A Go duration Consul accepts (whole milliseconds, at least 1)."""
-    return f"{max(1, round(seconds * 1000))}ms"
-
-
-def _host_port(address: str) -> tuple[str | None, int | None]:
-    """Host and port of a transport URL or ``host:port`` (for Consul's Address/Port)."""
-    if not address:
-        return None, None
-    try:
-        parts = urlsplit(address if "://" in address else f"//{address}")
-        return parts.hostname, parts.port
-    except ValueError:
-        return None, None
+def _default_process_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

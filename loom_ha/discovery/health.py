@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
 from loom_ha._tasks import TaskSupervisor
-from loom_ha.discovery.base import Registration
 from loom_ha.discovery.instance import Health
+from loom_ha.discovery.probe import HealthCheck, evaluate
+from loom_ha.discovery.registration import Registration
 from loom_ha.errors import ConfigurationError, RegistryError
 from loom_ha.transport import Transport, TransportStatistics
 
 __all__ = ["HealthCheck", "HealthGate"]
 
 log = logging.getLogger("loom_ha.discovery.health")
-
-HealthCheck: TypeAlias = Callable[[], bool | Awaitable[bool]]
-"""Returns True when the instance can serve (e.g. its database answers); may be async."""
 
 
 class HealthGate(Transport):
@@ -120,15 +116,7 @@ class HealthGate(Transport):
         check = self.check
         assert check is not None
         while True:
-            try:
-                async with asyncio.timeout(self.interval):
-                    result = check()
-                    ok = bool(await result) if inspect.isawaitable(result) else bool(result)
-                note = "" if ok else "health check returned false"
-            except TimeoutError:
-                ok, note = False, f"health check took longer than {self.interval}s"
-            except Exception as exc:  # a failing check is a verdict, not a crash
-                ok, note = False, f"health check raised {exc!r}"
+            ok, note = await evaluate(check, self.interval, what="health check")
             await self.report(ok, note)
             await asyncio.sleep(self.interval)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from typing_extensions import override
@@ -60,9 +61,14 @@ class MemoryStore:
         entries[instance.instance_id] = _Entry(instance, time.monotonic() + ttl, deregister_after)
         self.bump(instance.service)
 
-    def pulse(self, instance: ServiceInstance, ttl: float) -> bool:
-        """Refresh an entry's TTL and health; False when it does not exist."""
-        self.sweep(instance.service)
+    def pulse(self, instance: ServiceInstance, ttl: float, *, swept: bool = False) -> bool:
+        """Refresh an entry's TTL and health; False when it does not exist.
+
+        `swept`: the caller swept the instance's service just now (a heartbeat round sweeps
+        each service once, not once per instance).
+        """
+        if not swept:
+            self.sweep(instance.service)
         entry = self._services.get(instance.service, {}).get(instance.instance_id)
         if entry is None:
             return False
@@ -134,8 +140,10 @@ class MemoryRegistry(ServiceRegistry):
         timeout: float = 5.0,
         deregister_after: float = 60.0,
         watch_wait: float = 10.0,
+        probe_timeout: float | None = None,
     ) -> None:
-        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`: see `ServiceRegistry`.
+        """`ttl`, `interval`, `timeout`, `deregister_after`, `watch_wait`, `probe_timeout`: see
+        `ServiceRegistry`.
 
         Args:
             store: shared state; a new private one by default.
@@ -146,6 +154,7 @@ class MemoryRegistry(ServiceRegistry):
             timeout=timeout,
             deregister_after=deregister_after,
             watch_wait=watch_wait,
+            probe_timeout=probe_timeout,
             endpoint="memory://",
         )
         self.store = store if store is not None else MemoryStore()
@@ -157,6 +166,17 @@ class MemoryRegistry(ServiceRegistry):
     @override
     async def _pulse(self, instance: ServiceInstance, ttl: float) -> bool:
         return self.store.pulse(instance, ttl)
+
+    @override
+    async def _pulse_all(
+        self,
+        instances: Sequence[ServiceInstance],
+        changed: Sequence[ServiceInstance],
+        ttl: float,
+    ) -> list[ServiceInstance]:
+        for service in {i.service for i in instances}:
+            self.store.sweep(service)
+        return [i for i in instances if not self.store.pulse(i, ttl, swept=True)]
 
     @override
     async def _remove(self, instance: ServiceInstance) -> None:

@@ -3,6 +3,8 @@
 Key ``<prefix>:<service>:<instance id>`` holds the instance as JSON and is written with
 ``SET ... PX <ttl>``; each heartbeat rewrites it with ``XX`` (only if it still exists), so
 a missing key (expired, flushed, Redis restarted empty) makes the heartbeat register again.
+A heartbeat round sends those ``SET``s for every instance of the process in one pipeline:
+one round trip per interval, however many instances.
 
 Watches poll (SCAN + MGET every `poll_interval`) rather than use keyspace notifications:
 polling needs no ``CONFIG SET`` (often forbidden on managed Redis), and Redis emits
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -83,13 +85,18 @@ class RedisRegistry(ServiceRegistry):
         interval: float | None = None,
         timeout: float = 5.0,
         watch_wait: float = 10.0,
+        probe_timeout: float | None = None,
+        max_connections: int = 8,
     ) -> None:
-        """`ttl`, `interval`, `timeout`, `watch_wait`: see `ServiceRegistry`.
+        """`ttl`, `interval`, `timeout`, `watch_wait`, `probe_timeout`: see `ServiceRegistry`.
 
         Args:
             url: ``redis://[user:password@]host:port/db`` (``rediss://`` for TLS).
             prefix: key prefix; keys are ``<prefix>:<service>:<instance id>``.
-            poll_interval: how often a watch re-reads its service, seconds.
+            poll_interval: how often a watched service is read again, seconds (one read
+                per service and interval, however many watches follow it).
+            max_connections: most connections open to Redis at once; more concurrent
+                calls wait (up to `timeout`) for one to be free.
 
         Raises:
             ConfigurationError: `url` is not a Redis URL (named in the message).
@@ -99,11 +106,26 @@ class RedisRegistry(ServiceRegistry):
             raise ConfigurationError(f"invalid Redis URL {url!r}: expected redis://host:port/db")
         if poll_interval <= 0:
             raise ConfigurationError(f"poll_interval must be > 0, got {poll_interval}")
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, got {max_connections}")
         super().__init__(
-            ttl=ttl, interval=interval, timeout=timeout, watch_wait=watch_wait, endpoint=url
+            ttl=ttl,
+            interval=interval,
+            timeout=timeout,
+            watch_wait=watch_wait,
+            probe_timeout=probe_timeout,
+            concurrency=max_connections,
+            endpoint=url,
         )
         try:
-            self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                # One more than the calls' slots: the heartbeat pipeline is not queued.
+                url,
+                max_connections=max_connections + 1,
+                timeout=timeout,
+                socket_timeout=timeout,
+            )
+            self._redis = aioredis.Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
         self.prefix = prefix
@@ -132,9 +154,37 @@ class RedisRegistry(ServiceRegistry):
         return bool(done)
 
     @override
+    async def _pulse_all(
+        self,
+        instances: Sequence[ServiceInstance],
+        changed: Sequence[ServiceInstance],
+        ttl: float,
+    ) -> list[ServiceInstance]:
+        # Every key is rewritten (that is what refreshes its TTL), so `changed` needs nothing
+        # more; one pipeline, one round trip.
+        if not instances:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for instance in instances:
+            pipe.set(self.key(instance), _encode(instance), px=_ms(ttl), xx=True)
+        with map_redis_errors(self.endpoint):
+            done = await _uncancellable_guard(pipe.execute())
+        return [i for i, ok in zip(instances, done, strict=True) if not ok]
+
+    @override
     async def _remove(self, instance: ServiceInstance) -> None:
         with map_redis_errors(self.endpoint):
             await _uncancellable_guard(self._redis.delete(self.key(instance)))
+
+    @override
+    async def _remove_all(self, instances: Sequence[ServiceInstance]) -> None:
+        if not instances:
+            return
+        with map_redis_errors(self.endpoint):
+            await self._call(
+                _uncancellable_guard(self._redis.delete(*(self.key(i) for i in instances))),
+                self.timeout,
+            )
 
     @override
     async def _query(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from ._net import LOCALHOST, free_ports, http_json
+from ._net import free_ports, http_json
 from ._process import (
     Launcher,
     ServerProcess,
@@ -20,6 +20,7 @@ from ._process import (
     stop_all,
     wait_until,
 )
+from .netns import Placement
 
 __all__ = ["ConsulAgent", "ConsulCluster"]
 
@@ -30,18 +31,24 @@ _FAST_RAFT_HCL = "performance { raft_multiplier = 1 }"
 
 
 class ConsulAgent(ServerProcess):
-    """A consul agent on 127.0.0.1: `-dev` by default, or one server of a `ConsulCluster`.
+    """A consul agent on 127.0.0.1: `-dev` by default, a server of a `ConsulCluster`, or a
+    client agent (neither `dev` nor `bootstrap_expect`: it joins `retry_join`).
 
     Every port (HTTP, Serf LAN/WAN, server RPC) is free-picked and fixed for the handle's
     life; DNS and gRPC are disabled so nothing binds a well-known port.
 
     Args:
         http_port: HTTP API port; a free one by default.
-        dev: `-dev` mode (in-memory, self-elected leader). False needs `bootstrap_expect`.
+        dev: `-dev` mode (in-memory, self-elected leader). False needs `bootstrap_expect`
+            (a server) or `retry_join` (a client agent).
         node_name: `-node`; bootstrap_expect: servers to wait for before electing.
         retry_join: Serf LAN addresses (`host:port`) of the other servers.
         ui: serve the web UI at `http_url` + `/ui/`.
         name: log/dir name; workdir: fixed dir (else an owned temp dir); data lives in it.
+        placement: bind this address inside this network namespace (default 127.0.0.1, ours).
+        log_level: `-log-level`; None keeps `-dev`'s DEBUG. A 1.8 agent's writes cost time
+            per local service and check, far more at DEBUG: benchmarks use "info" (the
+            production default).
     """
 
     def __init__(
@@ -56,11 +63,15 @@ class ConsulAgent(ServerProcess):
         ui: bool = False,
         name: str = "consul",
         workdir: Path | None = None,
+        placement: Placement | None = None,
+        log_level: str | None = None,
     ) -> None:
-        super().__init__(name=name, workdir=workdir)
-        if not dev and bootstrap_expect is None:
-            raise ValueError("a non-dev server agent needs bootstrap_expect")
-        self.host = LOCALHOST
+        super().__init__(name=name, workdir=workdir, placement=placement)
+        if not dev and bootstrap_expect is None and not retry_join:
+            raise ValueError(
+                "a non-dev agent needs bootstrap_expect (a server) or retry_join (a client)"
+            )
+        self.host = self.placement.host
         self.http_port, self.server_port = free_ports(2)
         self.serf_lan_port, self.serf_wan_port = free_ports(2, udp=True)
         if http_port is not None:
@@ -72,6 +83,7 @@ class ConsulAgent(ServerProcess):
         self.bootstrap_expect = bootstrap_expect
         self.retry_join = tuple(retry_join)
         self.ui = ui
+        self.log_level = log_level
 
     @property
     def address(self) -> str:
@@ -112,7 +124,8 @@ class ConsulAgent(ServerProcess):
         if self.dev:
             argv.append("-dev")
         else:
-            argv += ["-server", "-bootstrap-expect", str(self.bootstrap_expect)]
+            if self.bootstrap_expect is not None:
+                argv += ["-server", "-bootstrap-expect", str(self.bootstrap_expect)]
             argv += ["-data-dir", str(self.workdir / "data"), "-hcl", _FAST_RAFT_HCL]
         argv += ["-node", self.node_name, "-bind", self.host, "-client", self.host]
         argv += ["-http-port", str(self.http_port), "-server-port", str(self.server_port)]
@@ -121,6 +134,8 @@ class ConsulAgent(ServerProcess):
         argv += ["-dns-port", "-1", "-grpc-port", "-1", "-hcl", _COMMON_HCL]
         if self.ui:
             argv.append("-ui")
+        if self.log_level is not None:
+            argv += ["-log-level", self.log_level]
         for peer in self.retry_join:
             argv += ["-retry-join", peer]
         if self.retry_join:
@@ -128,10 +143,12 @@ class ConsulAgent(ServerProcess):
         return argv
 
     def _probe(self) -> bool:
-        # A dev agent is ready once it elected itself; a cluster member once its API answers
-        # (the cluster's own wait_ready() then waits for the election).
-        leader = self.leader()
-        return leader is not None or not self.dev
+        # A dev agent is ready once it elected itself; a cluster member or a client agent
+        # once its API answers (the cluster's own wait_ready() then waits for the election).
+        if self.dev:
+            return self.leader() is not None
+        self.api("agent/self")
+        return True
 
 
 class ConsulCluster(Launcher):
@@ -140,20 +157,31 @@ class ConsulCluster(Launcher):
     Members are `ConsulAgent`s named server0..N-1; each keeps its ports and data dir across
     `kill()`/`start()`, so a restarted server rejoins with its Raft state. Members live under
     `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes; `ui` serves
-    the web UI on every member.
+    the web UI on every member. `placements` (one per server) put servers on the hosts of a
+    `loom_ha.testing.netns.Network`.
     """
 
     ready_timeout: float = 45.0
 
-    def __init__(self, size: int = 3, *, ui: bool = False, root: Path | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        ui: bool = False,
+        root: Path | None = None,
+        placements: Sequence[Placement] = (),
+    ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one server")
+        if placements and len(placements) != size:
+            raise ValueError(f"{len(placements)} placements for {size} servers")
+        where = list(placements) or [Placement()] * size
         self._owns_root = root is None
         self._root = (
             root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-consul-cluster-"))
         )
         lan_ports = free_ports(size, udp=True)
-        lan = [f"{LOCALHOST}:{port}" for port in lan_ports]
+        lan = [f"{where[i].host}:{port}" for i, port in enumerate(lan_ports)]
         self.members: list[ConsulAgent] = [
             ConsulAgent(
                 dev=False,
@@ -164,6 +192,7 @@ class ConsulCluster(Launcher):
                 ui=ui,
                 name=f"server{i}",
                 workdir=self._root / f"server{i}",
+                placement=where[i],
             )
             for i in range(size)
         ]

@@ -191,11 +191,12 @@ class RegistryConformance:
     async def test_ttl_expiry_when_heartbeat_stops(
         self, registry_backend: RegistryBackend, service: str
     ) -> None:
-        """An instance whose heartbeat stops leaves the passing set once its TTL runs out."""
+        """Every instance of a registry whose heartbeat stops leaves the passing set at its TTL."""
         ttl = 1.0
         async with registry_backend.registries(ttl=ttl) as (observer,):
             crashing = registry_backend.factory(ttl=ttl)
-            await crashing.register(make_instance(service))
+            for n in range(3):
+                await crashing.register(make_instance(service, n))
             await crashing.close(deregister=False)  # heartbeat stops, nothing deregistered
 
             async def gone() -> bool:
@@ -206,12 +207,74 @@ class RegistryConformance:
             # to 1.3 s); the rest is margin for a loaded machine. An instance that never
             # expires fails here; where expired ones stay listed, one that was deregistered
             # instead fails below.
-            await eventually(gone, within=ttl + 5.0, what="expired instance leaves passing set")
+            await eventually(gone, within=ttl + 5.0, what="expired instances leave passing set")
             listed = await observer.instances(service, passing_only=False)
             if registry_backend.expired_stay_listed:
-                assert [i.health for i in listed] == [Health.CRITICAL]
+                assert [i.health for i in listed] == [Health.CRITICAL] * 3
             else:
                 assert listed == []
+
+    async def test_one_heartbeat_round_beats_for_every_instance(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """Instances sharing a TTL share one heartbeat: each round confirms every one of them."""
+        count = 20
+        async with registry_backend.registries(ttl=1.5) as (registry,):
+            registrations = [
+                await registry.register(make_instance(service, n)) for n in range(count)
+            ]
+            assert registry.statistics().tasks == 1  # one loop, not one per instance
+
+            async def two_rounds() -> bool:
+                return registry.statistics().heartbeat_rounds >= 2
+
+            # Bound: a round every 0.5 s; the rest is margin for a loaded machine.
+            await eventually(two_rounds, within=10.0, what="two heartbeat rounds")
+            stats = registry.statistics()  # read at once: a round updates it in one step
+            assert stats.heartbeats == count + count * stats.heartbeat_rounds
+            assert stats.heartbeat_failures == 0
+            assert {r.heartbeats for r in registrations} == {1 + stats.heartbeat_rounds}
+            assert len(await registry.instances(service)) == count
+
+    async def test_hung_instance_is_reported_while_its_siblings_pass(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """An instance whose liveness probe hangs or fails goes critical; its siblings stay."""
+        hang, released = asyncio.Event(), asyncio.Event()
+        refuse = False
+
+        async def stuck_probe() -> bool:
+            if hang.is_set():
+                await released.wait()  # a handler that stopped answering
+            return True
+
+        async def refusing_probe() -> bool:
+            return not refuse
+
+        async with registry_backend.registries(2, ttl=1.5) as (mine, other):
+            await mine.register(make_instance(service, 0), probe=stuck_probe)
+            await mine.register(make_instance(service, 1), probe=refusing_probe)
+            sibling = await mine.register(make_instance(service, 2), probe=lambda: True)
+
+            async def passing(*ids: str) -> bool:
+                return [i.instance_id for i in await other.instances(service)] == list(ids)
+
+            # Bounds: the probes are asked every round (0.5 s) and answer within the probe
+            # timeout (0.125 s); the rest is margin for a loaded machine.
+            await eventually(lambda: passing("inst-0", "inst-1", "inst-2"), within=10.0)
+            hang.set()
+            refuse = True
+            await eventually(lambda: passing("inst-2"), within=10.0, what="hung ones critical")
+            listed = {i.instance_id: i for i in await other.instances(service, passing_only=False)}
+            assert listed["inst-0"].health is Health.CRITICAL
+            assert "liveness probe took longer than" in listed["inst-0"].note
+            assert listed["inst-1"].health is Health.CRITICAL
+            assert "liveness probe returned false" in listed["inst-1"].note
+            assert sibling.health is Health.PASSING and sibling.failures == 0
+            hang.clear()
+            released.set()
+            refuse = False
+            await eventually(lambda: passing("inst-0", "inst-1", "inst-2"), within=10.0)
 
     async def test_forgotten_instance_is_registered_again(
         self, registry_backend: RegistryBackend, service: str
@@ -251,6 +314,30 @@ class RegistryConformance:
                 assert watcher.statistics().watches == 1
             assert watcher.statistics().watches == 0
 
+    async def test_watches_of_one_service_share_one_query_loop(
+        self, registry_backend: RegistryBackend, service: str
+    ) -> None:
+        """Every watch of a service in one registry follows one query loop; each sees changes."""
+        async with registry_backend.registries(2) as (mine, watcher):
+            first, second = watcher.watch(service), watcher.watch(service)
+            everyone = watcher.watch(service, passing_only=False)
+            assert watcher.statistics().watched_services == 1
+            assert watcher.statistics().watches == 3
+            registration = await mine.register(make_instance(service, 0))
+            for watch in (first, second, everyone):
+                await next_snapshot(watch, lambda s: s.ids == ["inst-0"])
+            await registration.set_health(Health.CRITICAL, "sick")
+            await next_snapshot(first, lambda s: s.ids == [])
+            await first.aclose()
+            assert watcher.statistics().watched_services == 1  # the others still follow it
+            await next_snapshot(second, lambda s: s.ids == [])
+            sick = await next_snapshot(everyone, lambda s: not s.instances[0].passing)
+            assert sick.ids == ["inst-0"]
+            await second.aclose()
+            await everyone.aclose()
+            assert watcher.statistics().watched_services == 0
+            assert watcher.statistics().tasks == 0
+
     async def test_close_deregisters_ends_watches_and_leaves_no_task(
         self, registry_backend: RegistryBackend, service: str
     ) -> None:
@@ -260,9 +347,10 @@ class RegistryConformance:
             registry = registry_backend.factory()
             for n in range(3):
                 await registry.register(make_instance(service, n))
-            assert registry.statistics().tasks == 3
+            assert registry.statistics().tasks == 1  # one heartbeat for the three
             watch = registry.watch(service)
             await next_snapshot(watch, lambda s: len(s.ids) == 3)
+            assert registry.statistics().tasks == 2  # and one query loop for the watch
             consumer = asyncio.create_task(_drain(watch))
             await asyncio.sleep(0.05)  # let it block in its query
             await registry.close()
@@ -287,6 +375,9 @@ class RegistryConformance:
             with pytest.raises(ConfigurationError, match="ttl/3"):
                 await registry.register(make_instance(service), ttl=3.0, interval=1.5)
             assert await registry.instances(service) == []
+        async with registry_backend.registries(ttl=3.0, probe_timeout=0.6) as (registry,):
+            with pytest.raises(ConfigurationError, match="probe_timeout"):
+                await registry.register(make_instance(service), probe=lambda: True)
 
 
 async def _drain(watch: Watch) -> None:

@@ -1,4 +1,4 @@
-"""The Consul UI shows loom-ha instances and their passing TTL checks (screenshot for the docs)."""
+"""The Consul UI shows loom-ha instances and their passing checks (screenshot for the docs)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ async def test_consul_ui_shows_instances_with_passing_ttl_checks(
             await page.screenshot(shot)
             node = consul_agent.node_name
             await page.navigate(f"{url}/{node}/{service}:{ids[0]}/health-checks")
-            check_text = await page.wait_for_text(["loom-ha TTL heartbeat"])
+            check_text = await page.wait_for_text(["loom-ha process heartbeat"])
             await page.screenshot(check_shot)
     assert all(i in dom for i in ids)
     assert "TTL expired" not in check_text and "heartbeat every" in check_text

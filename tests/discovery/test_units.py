@@ -143,19 +143,26 @@ class ScriptedRegistry(MemoryRegistry):
 
 async def test_watch_resets_index_that_goes_backwards(service: str) -> None:
     """After an answer with a smaller index the watch asks again from index 0."""
-    async with ScriptedRegistry(watch_wait=0.2) as registry:
-        async with registry.watch(service) as watch:
-            await anext(watch)
-            registry.index_override = [1_000_000, 3]
-            await registry.register(instance(service, 0))
-            await anext(watch)  # answered with the (fake) index 1,000,000
-            assert watch.index == 1_000_000
-            await registry.register(instance(service, 1))
-            await anext(watch)  # answered with 3: backwards
-            assert watch.index == 0
-            await registry.register(instance(service, 2))
-            await anext(watch)
-        assert registry.asked[-1] == 0
+    async with ScriptedRegistry(watch_wait=0.2) as registry, registry.watch(service) as watch:
+        await anext(watch)
+        registry.index_override = [1_000_000, 3]
+        await registry.register(instance(service, 0))
+        await anext(watch)  # answered with the (fake) index 1,000,000
+        # The query loop runs on its own: the next answer (3, backwards) comes with the
+        # next change or after watch_wait, and the query after it asks from 0.
+        await registry.register(instance(service, 1))
+        await anext(watch)
+
+        async def asked_again_from_zero() -> bool:
+            after = registry.asked[registry.asked.index(1_000_000) + 1 :]
+            return 0 in after
+
+        await eventually(asked_again_from_zero, within=5, what="a query from index 0")
+        after = registry.asked[registry.asked.index(1_000_000) + 1 :]
+        assert after[: after.index(0)] == [1_000_000] * after.index(0)
+        await registry.register(instance(service, 2))
+        snap = await anext(watch)
+        assert snap.ids == ["inst-0", "inst-1", "inst-2"]
 
 
 async def test_outage_serves_last_snapshot_marked_stale(service: str) -> None:
@@ -213,3 +220,35 @@ async def test_critical_memory_instance_is_reaped_after_deregister_after(service
     await eventually(lambda: listed(Health.CRITICAL), within=5, what="listed critical")
     await eventually(lambda: listed(), within=10, what="reaped")
     await other.close()
+
+
+async def test_a_round_reports_at_most_so_many_changes(service: str) -> None:
+    """When more instances change than a round may report, the rest follow in the next round."""
+    from loom_ha.discovery.heartbeat import REPORTS_PER_ROUND
+
+    class Recording(MemoryRegistry):
+        def __init__(self) -> None:
+            super().__init__(ttl=1.5)
+            self.reported: list[int] = []
+
+        @override
+        async def _pulse_all(
+            self, instances: Any, changed: Any, ttl: float
+        ) -> list[ServiceInstance]:
+            self.reported.append(len(changed))
+            return await super()._pulse_all(instances, changed, ttl)
+
+    count = REPORTS_PER_ROUND + REPORTS_PER_ROUND // 2
+    async with Recording() as registry:
+        for n in range(count):  # every probe fails: every instance changes at the first round
+            await registry.register(instance(service, n), probe=lambda: False)
+
+        async def all_reported() -> bool:
+            return sum(registry.reported) >= count
+
+        # Bound: a round every 0.5 s, two needed; the rest is margin for a loaded machine.
+        await eventually(all_reported, within=10, what="every change reported")
+        assert max(registry.reported) == REPORTS_PER_ROUND
+        assert sum(registry.reported) == count  # each change reported once, none lost
+        critical = await registry.instances(service, passing_only=False)
+        assert len(critical) == count and not any(i.passing for i in critical)

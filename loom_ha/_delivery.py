@@ -109,7 +109,7 @@ class LocalDelivery:
         calling.add(task)
         mailbox.enter_here()
         try:
-            await invoke(handler, topic, event, self.counters)
+            await invoke(handler, topic, event, self.counters, task)
         finally:
             mailbox.leave_here()
             calling.discard(task)

@@ -68,7 +68,11 @@ class DeliveryCounters:
 
 
 async def invoke(
-    handler: Handler, topic: str, event: Any, counters: DeliveryCounters
+    handler: Handler,
+    topic: str,
+    event: Any,
+    counters: DeliveryCounters,
+    task: asyncio.Task[Any] | None = None,
 ) -> BaseException | None:
     """Call `handler` with `event`, awaiting only what is awaitable: the one way every
     backend calls a handler.
@@ -78,7 +82,8 @@ async def invoke(
     when the calling task is being cancelled, also when the handler swallowed it; one the
     handler raised on its own (it awaited something that was cancelled) is a handler
     error like any other, so it cannot end a delivery loop. With a tracer provider set, the
-    call runs inside its delivery span (`loom_ha.tracing`).
+    call runs inside its delivery span (`loom_ha.tracing`). `task` is the calling task when
+    the caller knows it (looking it up per event is not free on Python 3.11).
     """
     traced = start_delivery(topic, event, handler)  # None unless a tracer provider is set
     try:
@@ -88,28 +93,29 @@ async def invoke(
             await result
     except Exception as exc:
         _handler_failed(handler, topic, event, counters)
-        raise_swallowed_cancellation()
+        raise_swallowed_cancellation(task)
         return exc
     except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
+        task = task or asyncio.current_task()
         if task is None or task.cancelling():
             raise
         _handler_failed(handler, topic, event, counters)
         return exc
-    raise_swallowed_cancellation()
+    raise_swallowed_cancellation(task)
     counters.delivered += 1
     return None
 
 
-def raise_swallowed_cancellation() -> None:
+def raise_swallowed_cancellation(task: asyncio.Task[Any] | None = None) -> None:
     """Re-raise a cancellation of the calling task that a handler caught and dropped.
 
     A handler that swallows `CancelledError` (Loom 0.3.4's `Node._handle_request` does,
     when Python 3.11's `asyncio.wait_for` loses it) would otherwise keep its delivery
     task alive, and `disconnect()` would wait for it forever. The task's `cancelling()`
-    count still says a cancellation was requested: honour it here.
+    count still says a cancellation was requested: honour it here. `task`: the calling task,
+    when the caller already has it.
     """
-    task = asyncio.current_task()
+    task = task or asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
@@ -326,6 +332,7 @@ class Mailbox:
     async def _run(self) -> None:
         items, handler, counters = self._items, self._handler, self._counters
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         while True:
             if not items or self._here:
                 self._idle = idle = loop.create_future()
@@ -334,7 +341,7 @@ class Mailbox:
             topic, event = items.popleft()
             self._working = True
             try:
-                await invoke(handler, topic, event, counters)
+                await invoke(handler, topic, event, counters, me)
             finally:
                 self._working = False
 

@@ -17,12 +17,15 @@ import inspect
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any, Protocol
 
 from loom_ha.errors import ConfigurationError
 from loom_ha.event import idempotency_key
 
 __all__ = ["DedupHandler", "DedupWindow", "MemoryDedup", "idempotency_key"]
+
+_NEVER = float("inf")
 
 
 class DedupWindow(Protocol):
@@ -55,7 +58,11 @@ class MemoryDedup:
             )
         self.ttl = ttl
         self.max_entries = max_entries
+        # Ordered by deadline (one ttl for all), so the first key is the oldest. `_oldest` is
+        # at or before the first key's deadline (early is safe: `_expire` recomputes it), so
+        # the hot path compares two floats instead of looking at the first entry.
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._oldest = _NEVER
 
     async def claim(self, key: str) -> bool:
         return self.claim_nowait(key)
@@ -63,14 +70,17 @@ class MemoryDedup:
     def claim_nowait(self, key: str) -> bool:
         """`claim` without a coroutine: the in-process window never waits (hot path)."""
         now = time.monotonic()
-        seen = self._seen
-        if seen and next(iter(seen.values())) <= now:
+        if now >= self._oldest:
             self._expire(now)
+        seen = self._seen
         if key in seen:
             return False
-        seen[key] = now + self.ttl
+        deadline = now + self.ttl
+        if not seen:
+            self._oldest = deadline
+        seen[key] = deadline
         if len(seen) > self.max_entries:
-            seen.popitem(last=False)
+            seen.popitem(last=False)  # the oldest; `_oldest` stays early, which is safe
         return True
 
     async def complete(self, key: str) -> None:
@@ -84,8 +94,10 @@ class MemoryDedup:
         while seen:
             key, deadline = next(iter(seen.items()))
             if deadline > now:
+                self._oldest = deadline
                 return
             del seen[key]
+        self._oldest = _NEVER
 
     async def close(self) -> None:
         self._seen.clear()
@@ -106,19 +118,24 @@ class DedupHandler:
         on_duplicate: Callable[[], None],
     ) -> None:
         self.handler, self._window, self._scope = handler, window, scope
+        self._prefix = f"{scope}\x1f"
         self._on_duplicate = on_duplicate
         # The in-process window answers without awaiting: skip a coroutine per event.
         self._claim_nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
 
     async def __call__(self, event: Any) -> None:
-        key = f"{self._scope}\x1f{idempotency_key(event)}"
-        fresh = self._claim_nowait(key) if self._claim_nowait else await self._window.claim(key)
+        key = self._prefix + idempotency_key(event)
+        claim_nowait = self._claim_nowait
+        fresh = claim_nowait(key) if claim_nowait is not None else await self._window.claim(key)
         if not fresh:
             self._on_duplicate()
             return
         try:
             result = self.handler(event)
-            if inspect.isawaitable(result):
+            # Most handlers are coroutine functions: skip isawaitable()'s ABC checks for them.
+            if result is not None and (
+                type(result) is CoroutineType or inspect.isawaitable(result)
+            ):
                 await result
         except BaseException:
             await self._window.release(key)

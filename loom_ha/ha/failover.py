@@ -51,6 +51,7 @@ log = logging.getLogger("loom_ha.ha")
 
 TransportFactory = Callable[[], Transport]
 
+_CONNECTED, _RECONNECTING = TransportState.CONNECTED, TransportState.RECONNECTING
 _LIVE_INNER = (TransportState.CONNECTED,)
 _DEAD_INNER = (TransportState.CLOSED, TransportState.DISCONNECTED, TransportState.NEW)
 
@@ -272,28 +273,31 @@ class HATransport(Transport):
             policy: overrides the outbox policy for this call.
             timeout: overrides the BLOCK timeout for this call.
         """
-        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
-            require_connected(self._state, "ha")
+        state = self._cell.state  # read once: this is every event's path
+        if state is not _CONNECTED and state is not _RECONNECTING:
+            require_connected(state, "ha")
         validate_topic(topic)
         span = start_publish(topic, event)  # None unless a tracer provider is configured
-        error: BaseException | None = None
         try:
-            if self._state is TransportState.CONNECTED and self._outbox.depth == 0:
+            if state is _CONNECTED and not self._outbox.depth:
                 try:
                     await self._inner.publish(topic, event)
-                    self.published += 1
-                    return
                 except Exception as exc:
                     if not _broker_failure(exc):
                         raise
                     self._start_recovery(exc)
+                else:
+                    self.published += 1
+                    if span is not None:
+                        end_span(span, None)
+                    return
             await self._outbox.put(topic, event, policy=policy, timeout=timeout)
         except BaseException as exc:
-            error = exc
-            raise
-        finally:
             if span is not None:
-                end_span(span, error)
+                end_span(span, exc)
+            raise
+        if span is not None:
+            end_span(span, None)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loom_ha.ha import dedup as dedup_module
 from loom_ha.ha.dedup import MemoryDedup
 
 
@@ -32,3 +37,43 @@ async def test_memory_window_is_bounded_in_time_and_size() -> None:
     assert await window.claim("c")  # evicts "a", the oldest
     assert not await window.claim("c")
     assert await window.claim("a")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["claim", "release", "wait"]),
+            st.sampled_from("abcdef"),
+            st.floats(min_value=0.0, max_value=3.0),
+        ),
+        max_size=60,
+    ),
+    max_entries=st.integers(min_value=1, max_value=4),
+)
+def test_memory_window_matches_a_plain_model(
+    steps: list[tuple[str, str, float]], max_entries: int
+) -> None:
+    """Expiry and eviction agree with the obvious model (a list of (key, deadline) in claim
+    order) whatever the interleaving: the hot path's cached oldest deadline is never late."""
+    now = [100.0]
+    with pytest.MonkeyPatch.context() as patch:  # a clock the test moves, per example
+        patch.setattr(dedup_module.time, "monotonic", lambda: now[0])
+        _replay(steps, max_entries, now)
+
+
+def _replay(steps: list[tuple[str, str, float]], max_entries: int, now: list[float]) -> None:
+    window = MemoryDedup(ttl=2.0, max_entries=max_entries)
+    model: list[tuple[str, float]] = []
+    for action, key, seconds in steps:
+        if action == "wait":
+            now[0] += seconds
+        elif action == "release":
+            asyncio.run(window.release(key))
+            model = [(k, d) for k, d in model if k != key]
+        else:
+            model = [(k, d) for k, d in model if d > now[0]]
+            fresh = all(k != key for k, _ in model)
+            if fresh:
+                model = [*model, (key, now[0] + 2.0)][-max_entries:]
+            assert window.claim_nowait(key) is fresh, (action, key, now[0], model)

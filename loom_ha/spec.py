@@ -22,7 +22,7 @@ from loom_ha.ha.outbox import OutboxConfig, OutboxPolicy
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.transport import GroupRule, loom_request_groups
 
-REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 NATS_SCHEMES = ("nats", "tls")
 MODES = {"redis": ("streams", "pubsub"), "nats": ("jetstream", "core"), "memory": ("memory",)}
 """Modes per broker; the first is the default (durable where the broker offers it)."""
@@ -195,8 +195,8 @@ def parse_transport_url(url: str) -> TransportSpec:
         broker = "nats"
     else:
         raise ConfigurationError(
-            f"transport URL scheme {scheme!r} is not one of memory, redis, rediss, "
-            "redis+sentinel, nats, tls"
+            f"transport URL scheme {scheme!r} is not one of memory, "
+            f"{', '.join(REDIS_SCHEMES)}, {', '.join(NATS_SCHEMES)}"
         )
     # NATS lists servers separated by commas; the query follows the last one.
     address, _, query = url.partition("?")

@@ -82,13 +82,18 @@ def _shared_dedup(
         ):
             return True
         url = spec.address
-    if url.split("://", 1)[0].lower() in ("nats", "tls"):
+    window = parse_transport_url(url)  # one parser: scheme-less servers, a query, named errors
+    if window.broker == "nats":
         from loom_ha.nats import NatsDedup
 
-        return NatsDedup(url.split(","), ttl=600.0, lease=lease)
-    from loom_ha.redis import RedisDedup
+        return NatsDedup(list(window.servers), ttl=600.0, lease=lease)
+    if window.broker == "redis":
+        from loom_ha.redis import RedisDedup
 
-    return RedisDedup(url, lease=lease)
+        return RedisDedup(url, lease=lease)
+    raise ConfigurationError(
+        f"LOOM_HA_DEDUP_URL must name a redis:// or nats:// server, not {window.scheme}://"
+    )
 
 
 def balanced_from_env(

@@ -8,8 +8,9 @@ from loom_ha.config import create_transport, transport_from_env
 from loom_ha.errors import ConfigurationError
 from loom_ha.ha import HATransport, OutboxPolicy
 from loom_ha.memory import InMemoryTransport
-from loom_ha.nats import JetStreamTransport, NatsCoreTransport
+from loom_ha.nats import JetStreamTransport, NatsCoreTransport, NatsDedup
 from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+from loom_ha.routing.config import _shared_dedup
 from loom_ha.spec import parse_transport_url
 
 
@@ -20,6 +21,7 @@ from loom_ha.spec import parse_transport_url
         ("redis://127.0.0.1:6390/0", RedisStreamsTransport),
         ("redis://127.0.0.1:6390/0?mode=pubsub", RedisPubSubTransport),
         ("redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster?mode=streams", RedisStreamsTransport),
+        ("rediss+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster?mode=pubsub", RedisPubSubTransport),
         ("nats://127.0.0.1:1,nats://127.0.0.1:2", JetStreamTransport),
         ("nats://127.0.0.1:1,127.0.0.1:2?mode=core", NatsCoreTransport),
     ],
@@ -117,3 +119,13 @@ def test_a_url_is_parsed_once_into_a_spec(
     assert (spec.broker, spec.mode, spec.address) == (broker, mode, address)
     assert (spec.servers, spec.backend_options) == (servers, backend_options)
     assert spec.durable is (mode in ("streams", "jetstream"))
+
+
+def test_a_shared_dedup_url_is_parsed_like_a_transport_url() -> None:
+    """``LOOM_HA_DEDUP_URL`` goes through the one URL parser: a scheme-less second server and
+    a query string are understood, and a broker that cannot hold a window is named."""
+    window = _shared_dedup({"LOOM_HA_DEDUP_URL": "nats://127.0.0.1:1,127.0.0.1:2?x=1"}, "", 4.0)
+    assert isinstance(window, NatsDedup)
+    assert window.options.servers == ("nats://127.0.0.1:1", "nats://127.0.0.1:2")
+    with pytest.raises(ConfigurationError, match="memory://"):
+        _shared_dedup({"LOOM_HA_DEDUP_URL": "memory://"}, "", 4.0)

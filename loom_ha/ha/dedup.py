@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from loom_ha.errors import ConfigurationError
 from loom_ha.event import idempotency_key
 
-__all__ = ["DedupHandler", "DedupWindow", "MemoryDedup", "idempotency_key"]
+__all__ = ["DedupHandler", "DedupWindow", "DedupWrappers", "MemoryDedup", "idempotency_key"]
 
 _NEVER = float("inf")
 
@@ -145,3 +145,64 @@ class DedupHandler:
 
     def __repr__(self) -> str:
         return f"dedup({self.handler!r})"
+
+
+class DedupWrappers:
+    """The dedup side of one `HATransport`: its windows and one wrapper per handler.
+
+    Competing deliveries (a group, given or by the backend's rule) share the configured
+    window across instances; fan-out ones use this process's own in-process window (through
+    a shared one, two processes' reply handlers would drop each other's replies). One
+    wrapper per handler keeps the inner transport's once-per-handler rule.
+    """
+
+    def __init__(self, window: DedupWindow | bool | None, instance_id: str) -> None:
+        self.shared: DedupWindow | None = MemoryDedup() if window is True else (window or None)
+        self.local: DedupWindow | None = (
+            self.shared
+            if self.shared is None or isinstance(self.shared, MemoryDedup)
+            else MemoryDedup()
+        )
+        self._instance_id = instance_id
+        self._wrappers: dict[Callable[[Any], Any], Callable[[Any], Any]] = {}
+        self.duplicates_dropped = 0
+
+    @property
+    def enabled(self) -> bool:
+        """False when deduplication is off (handlers are passed through)."""
+        return self.shared is not None
+
+    def wrap(
+        self, handler: Callable[[Any], Any], topic: str, group: str | None
+    ) -> Callable[[Any], Any]:
+        """The wrapper of `handler` (made on first use); `group` as the backend resolved it."""
+        wrapper = self._wrappers.get(handler)
+        if wrapper is None:
+            if self.shared is None or self.local is None:
+                wrapper = handler
+            elif group is not None:
+                wrapper = DedupHandler(handler, self.shared, f"g:{group}:{topic}", self._dropped)
+            else:
+                scope = f"i:{self._instance_id}:{id(handler)}"
+                wrapper = DedupHandler(handler, self.local, scope, self._dropped)
+            self._wrappers[handler] = wrapper
+        return wrapper
+
+    def wrapper_of(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
+        """The wrapper `handler` was subscribed with, if any."""
+        return self._wrappers.get(handler)
+
+    def forget(self, handler: Callable[[Any], Any]) -> None:
+        """`handler` has no subscription left: its next subscription gets a new wrapper."""
+        self._wrappers.pop(handler, None)
+
+    async def close(self) -> None:
+        """Drop every wrapper and close the windows."""
+        self._wrappers.clear()
+        if self.shared is not None:
+            await self.shared.close()
+        if self.local is not None and self.local is not self.shared:
+            await self.local.close()
+
+    def _dropped(self) -> None:
+        self.duplicates_dropped += 1

@@ -35,7 +35,7 @@ from loom_ha.errors import (
     TransientError,
     TransportClosedError,
 )
-from loom_ha.ha.dedup import DedupHandler, DedupWindow, MemoryDedup
+from loom_ha.ha.dedup import DedupWindow, DedupWrappers
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.retry import RECOVERY, RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
@@ -109,24 +109,14 @@ class HATransport(Transport):
         self._inner: Transport = self._factories[self._endpoint_index]()
         self._retry = retry or RECOVERY
         self._outbox = Outbox(outbox or OutboxConfig())
-        self._dedup: DedupWindow | None = MemoryDedup() if dedup is True else (dedup or None)
-        # Fan-out deliveries are this process's own: never merged through a shared window
-        # (two processes' reply handlers would drop each other's replies).
-        self._local_dedup: DedupWindow | None = (
-            self._dedup
-            if self._dedup is None or isinstance(self._dedup, MemoryDedup)
-            else MemoryDedup()
-        )
-        self.capabilities = replace(self._inner.capabilities, dedup=self._dedup is not None)
-        self._instance_id = instance_id
+        self._dedup = DedupWrappers(dedup, instance_id)
+        self.capabilities = replace(self._inner.capabilities, dedup=self._dedup.enabled)
         self._health_interval = health_interval
         self._cell = StateCell("loom_ha.ha")
         self._subs: list[_Subscription] = []
-        self._wrappers: dict[Handler, Handler] = {}
         self._tasks = TaskSupervisor("loom_ha.ha")
         self._recovery: asyncio.Task[None] | None = None
         self.reconnects = 0
-        self.duplicates_dropped = 0
         self.published = 0
 
     # -- state ---------------------------------------------------------------------------
@@ -246,12 +236,8 @@ class HATransport(Transport):
         finally:
             self._recovery = None
             self._subs.clear()
-            self._wrappers.clear()
             await self._inner.disconnect()
-            if self._dedup is not None:
-                await self._dedup.close()
-            if self._local_dedup is not None and self._local_dedup is not self._dedup:
-                await self._local_dedup.close()
+            await self._dedup.close()
 
     # -- operations ----------------------------------------------------------------------
 
@@ -322,9 +308,9 @@ class HATransport(Transport):
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Forget the subscription (it is not restored after a reconnect)."""
         self._subs = [s for s in self._subs if not (s.topic == topic and s.handler == handler)]
-        wrapper = self._wrappers.get(handler)
+        wrapper = self._dedup.wrapper_of(handler)
         if wrapper is not None and not any(s.handler == handler for s in self._subs):
-            del self._wrappers[handler]
+            self._dedup.forget(handler)
         if wrapper is not None and self._state is TransportState.CONNECTED:
             try:
                 await self._inner.unsubscribe(topic, wrapper)
@@ -334,27 +320,12 @@ class HATransport(Transport):
                 self._start_recovery(exc)
 
     def _wrapped(self, handler: Handler, sub: _Subscription) -> Handler:
-        """One wrapper per handler, so the inner transport's once-per-handler rule holds."""
-        wrapper = self._wrappers.get(handler)
-        if wrapper is None:
-            if self._dedup is None or self._local_dedup is None:
-                wrapper = handler
-            else:
-                # Competing deliveries (a group, given or by the backend's rule) share the
-                # configured window across instances; fan-out ones use this process's own.
-                group = self._inner.resolve_group(sub.topic, sub.group)
-                if group is not None:
-                    window, scope = self._dedup, f"g:{group}:{sub.topic}"
-                else:
-                    window, scope = self._local_dedup, f"i:{self._instance_id}:{id(handler)}"
-                wrapper = DedupHandler(handler, window, scope, self._count_duplicate)
-            self._wrappers[handler] = wrapper
-        return wrapper
+        """`handler` behind its dedup wrapper (the window depends on whether it competes)."""
+        if not self._dedup.enabled:
+            return handler
+        return self._dedup.wrap(handler, sub.topic, self._inner.resolve_group(sub.topic, sub.group))
 
     # -- recovery ------------------------------------------------------------------------
-
-    def _count_duplicate(self) -> None:
-        self.duplicates_dropped += 1
 
     def _start_recovery(self, cause: BaseException | None) -> None:
         """Enter RECONNECTING and start the one recovery task (if not running)."""
@@ -467,7 +438,7 @@ class HATransport(Transport):
             state=self._state,
             subscriptions=len(self._subs),
             reconnects=self.reconnects + inner.reconnects,
-            duplicates_dropped=self.duplicates_dropped,
+            duplicates_dropped=self._dedup.duplicates_dropped,
             outbox_depth=self._outbox.depth,
             outbox_dropped=self._outbox.dropped,
         )

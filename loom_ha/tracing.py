@@ -132,6 +132,14 @@ def use_tracer_provider(provider: TracerProvider | None) -> None:
 # -- hooks (each returns at once, with None, while tracing is off) ----------------------------
 
 
+def tracing_active() -> bool:
+    """True when the hooks record spans (asked the way they ask): batch paths that skip the
+    per-event hooks use it to fall back to them."""
+    return _state.tracer is not None or (
+        _state.seen.get(_state.key) is not None and _state.probe() is not None
+    )
+
+
 def start_publish(topic: str, event: Any) -> Span | None:
     """Start the PRODUCER span of publishing `event` on `topic`, and write its context into the
     event's ``traceparent`` / ``tracestate``. End it with `end_span`.

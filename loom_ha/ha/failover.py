@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,7 +39,7 @@ from loom_ha.ha.dedup import DedupWindow, DedupWrappers
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.retry import RECOVERY, RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
-from loom_ha.tracing import end_span, start_publish
+from loom_ha.tracing import end_span, start_publish, tracing_active
 from loom_ha.transport import (
     Transport,
     TransportState,
@@ -52,6 +52,9 @@ log = logging.getLogger("loom_ha.ha")
 TransportFactory = Callable[[], Transport]
 
 _CONNECTED, _RECONNECTING = TransportState.CONNECTED, TransportState.RECONNECTING
+PUBLISH_CHUNK = 256
+"""Events per inner `publish_many` call: within one round trip of every backend (Redis
+pipelines 512), so a chunk the broker failed on is retried like one publish."""
 _LIVE_INNER = (TransportState.CONNECTED,)
 _DEAD_INNER = (TransportState.CLOSED, TransportState.DISCONNECTED, TransportState.NEW)
 
@@ -284,6 +287,38 @@ class HATransport(Transport):
             raise
         if span is not None:
             end_span(span, None)
+
+    @override
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        """`publish()` for many events, pipelined by the inner transport while connected.
+
+        Chunks of `PUBLISH_CHUNK` (one round trip on every backend) go to the inner
+        `publish_many`; when the broker fails during one, that chunk and the rest take the
+        outbox path item by item, as single publishes do. With tracing on, every event goes
+        through `publish()` so that each gets its span.
+        """
+        batch = list(items)
+        if tracing_active():
+            for topic, event in batch:
+                await self.publish(topic, event)
+            return
+        for start in range(0, len(batch), PUBLISH_CHUNK):
+            chunk = batch[start : start + PUBLISH_CHUNK]
+            state = self._cell.state
+            if state is not _CONNECTED and state is not _RECONNECTING:
+                require_connected(state, "ha")
+            if state is _CONNECTED and not self._outbox.depth:
+                try:
+                    await self._inner.publish_many(chunk)
+                except Exception as exc:
+                    if not _broker_failure(exc):
+                        raise
+                    self._start_recovery(exc)
+                else:
+                    self.published += len(chunk)
+                    continue
+            for topic, event in chunk:
+                await self.publish(topic, event)
 
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:

@@ -1,51 +1,44 @@
-"""What the HA layer costs: HATransport over a backend beside the same backend bare."""
+"""What a headline row measures: the transport `create_transport(url)` gives users.
+
+That is `HATransport` with its default in-process dedup window around the backend (what
+`loom_transport()` gives every LoomApp); the breakdown is the same URL with ``ha=false``,
+the backend alone, built by the same function with every other option equal.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from loom_ha.bench.core import BenchRow, compare, compared_row, throughput_of
-from loom_ha.bench.memory import loom_event_factory
-from loom_ha.ha import HATransport
-from loom_ha.transport import Transport
-
-
-async def ha_row(
-    name: str, bare: Callable[[], Transport], events: int, rounds: int = 5
-) -> BenchRow:
-    """Throughput through `HATransport(bare())` beside `bare()` alone (dedup on, as by default),
-    in `rounds` alternating rounds."""
-    make_event = loom_event_factory()
-    results = await compare(
-        throughput_of(lambda: HATransport(bare()), make_event, events),
-        throughput_of(bare, make_event, events),
-        rounds,
-    )
-    return compared_row(f"{name} throughput via HATransport", "events/s", results, f"bare {name}")
+from loom_ha.bench.core import Path
+from loom_ha.config import create_transport
 
 
-async def ha_rows(
-    events: int,
+def with_options(url: str, **options: str) -> str:
+    """`url` with query options added (later options win, so these override the URL's)."""
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return url + ("&" if "?" in url else "?") + query if query else url
+
+
+def default_path(
+    url: str,
     *,
-    redis_url: str | None = None,
-    nats_servers: list[str] | None = None,
-    rounds: int = 5,
-) -> list[BenchRow]:
-    """HA-layer rows for the embedded default and, when given, Redis and NATS."""
-    from loom_ha.memory import InMemoryTransport
+    event_class: Any = None,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> Path:
+    """The default path of `url` (HA and dedup at their defaults) and its bare backend.
 
-    rows = [await ha_row("memory", InMemoryTransport, events, rounds)]
-    bare: list[tuple[str, Callable[[], Transport], int]] = []
-    if redis_url is not None:
-        from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+    Args:
+        url: a transport URL with the options that pick the mode (``mode=core``).
+        event_class: the class received events are built as (the codec's target).
+        cleanup: run after each measurement of either (see `Path`).
+    """
+    bare_url = with_options(url, ha="false")
 
-        bare.append(("redis pubsub", lambda: RedisPubSubTransport(redis_url), events))
-        bare.append(("redis streams", lambda: RedisStreamsTransport(redis_url), events // 4))
-    if nats_servers is not None:
-        from loom_ha.nats import JetStreamTransport, NatsCoreTransport
+    def default() -> Any:
+        return create_transport(url, event_class=event_class)
 
-        bare.append(("nats core", lambda: NatsCoreTransport(nats_servers), events))
-        bare.append(("nats jetstream", lambda: JetStreamTransport(nats_servers), events // 4))
-    for name, make, count in bare:
-        rows.append(await ha_row(name, make, count, rounds))
-    return rows
+    def bare() -> Any:
+        return create_transport(bare_url, event_class=event_class)
+
+    return Path(default, bare, cleanup)

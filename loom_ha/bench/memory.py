@@ -5,17 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loom_ha.bench.core import (
-    LATENCY_P50,
-    LATENCY_P99,
-    BenchRow,
-    compare,
-    compared_row,
-    latency_of,
-    measure_latency,
-    measure_throughput,
-    throughput_of,
-)
+from loom_ha.bench.core import BenchRow, Path, latency_rows, throughput_rows
 
 
 def loom_event_factory() -> Callable[[int], Any]:
@@ -30,36 +20,34 @@ def loom_event_factory() -> Callable[[int], Any]:
 
 
 async def memory_rows(events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
-    """loom-ha's InMemoryTransport beside loom-agent's own in-memory transport."""
-    from loom_ha.memory import InMemoryTransport
+    """``memory://`` as `create_transport` builds it (and bare) beside loom-agent's own
+    in-memory transport (or, without loom-agent, beside the bare one)."""
+    from loom_ha.bench.ha import default_path
 
     make_event = loom_event_factory()
+    path = default_path("memory://")
     try:
         from loom.infra.transport.memory import InMemoryTransport as LoomMemory
     except ImportError:
-        tp = await measure_throughput(InMemoryTransport, make_event, events)
-        p50, p99 = await measure_latency(InMemoryTransport, make_event, pings)
-        name = "(loom not installed)"
-        return [
-            BenchRow("memory throughput", "events/s", tp, None, name),
-            BenchRow("memory ping-pong p50", "ms", p50, None, name, False),
-            BenchRow("memory ping-pong p99", "ms", p99, None, name, False),
-        ]
+        from loom_ha.memory import InMemoryTransport
 
-    name = "loom-agent InMemoryTransport"
-    results = await compare(
-        throughput_of(InMemoryTransport, make_event, events),
-        throughput_of(LoomMemory, make_event, events),
-        rounds,
+        baseline: Callable[[], Any] = InMemoryTransport
+        name = "loom-ha InMemoryTransport, bare (loom-agent not installed)"
+        path = Path(path.default)  # the baseline is the breakdown already
+    else:
+        baseline, name = LoomMemory, "loom-agent InMemoryTransport"
+    rows = await throughput_rows(
+        "memory throughput",
+        path,
+        baseline,
+        name,
+        make_event=make_event,
+        events=events,
+        rounds=rounds,
     )
-    rows = [compared_row("memory throughput", "events/s", results, name)]
-    results = await compare(
-        latency_of(InMemoryTransport, make_event, pings),
-        latency_of(LoomMemory, make_event, pings),
-        rounds,
+    rows += await latency_rows(
+        "memory ping-pong", path, baseline, name, make_event=make_event, pings=pings, rounds=rounds
     )
-    rows.append(compared_row("memory ping-pong p50", "ms", results, name, **LATENCY_P50))
-    rows.append(compared_row("memory ping-pong p99", "ms", results, name, **LATENCY_P99))
     return rows
 
 

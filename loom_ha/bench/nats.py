@@ -1,7 +1,9 @@
 """Benchmark rows of the NATS backends, each beside raw nats-py doing the same work.
 
-The raw adapters use the same codec (or none, for the bare-bytes row), so a ratio
-measures what loom-ha adds: topic mapping, matching, delivery, acks.
+loom-ha's side is the default path (`create_transport`, HATransport and dedup included)
+with the bare backend below it. The raw adapters use the same codec (or none, for the
+bare-bytes row), so a ratio measures what loom-ha adds: the HA layer, topic mapping,
+matching, delivery, acks.
 """
 
 from __future__ import annotations
@@ -9,23 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from loom_ha.bench.core import (
     LATENCY_P50,
-    LATENCY_P99,
+    PING_TOPIC,
+    PONG_TOPIC,
+    THROUGHPUT_TOPIC,
     BenchRow,
     Figures,
+    MakeTransport,
     Measure,
-    compare,
-    compared_row,
-    latency_of,
-    throughput_of,
+    latency_rows,
+    path_rows,
+    throughput_rows,
 )
 from loom_ha.bench.memory import loom_event_factory
 
-RAW = "raw nats-py (same work, same codec)"
+RAW = "raw nats-py (same codec)"
 
 
 class RawCore:
@@ -73,13 +77,13 @@ class _Bytes:
 
 
 class RawJetStream(RawCore):
-    """Raw nats-py JetStream: async publish with Msg-Id, a pull consumer that acks."""
+    """Raw nats-py JetStream: publish with Msg-Id awaiting the ack (`publish_many`: all sent
+    with publish_async, then every ack awaited), a pull consumer that acks."""
 
-    def __init__(self, servers: list[str], *, stream: str, batch: int = 256) -> None:
-        super().__init__(servers)
+    def __init__(self, servers: list[str], *, codec: Any, stream: str, batch: int = 256) -> None:
+        super().__init__(servers, codec=codec)
         self._stream = stream
         self._batch = batch
-        self._pending: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
@@ -99,11 +103,15 @@ class RawJetStream(RawCore):
 
     async def publish(self, topic: str, event: Any) -> None:
         headers = {"Nats-Msg-Id": event.id}
-        self._pending.append(
-            await self._js.publish_async(
-                self._subject(topic), self._codec.encode(event), headers=headers
-            )
-        )
+        await self._js.publish(self._subject(topic), self._codec.encode(event), headers=headers)
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
+        acks = []
+        for topic, event in items:
+            headers = {"Nats-Msg-Id": event.id}
+            data = self._codec.encode(event)
+            acks.append(await self._js.publish_async(self._subject(topic), data, headers=headers))
+        await asyncio.gather(*acks)
 
     async def subscribe(self, topic: str, handler: Callable[[Any], Awaitable[None]]) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -127,156 +135,146 @@ class RawJetStream(RawCore):
         self._tasks.append(asyncio.get_running_loop().create_task(run()))
 
 
-class _PipelinedJetStream:
-    """Our JetStreamTransport publishing with publish_async (acks awaited at the end)."""
-
-    def __init__(self, transport: Any) -> None:
-        self._t = transport
-        self._pending: list[Awaitable[None]] = []
-
-    async def connect(self) -> None:
-        await self._t.connect()
-
-    async def disconnect(self) -> None:
-        await asyncio.gather(*self._pending)
-        await self._t.disconnect()
-
-    async def publish(self, topic: str, event: Any) -> None:
-        self._pending.append(await self._t.publish_async(topic, event))
-
-    async def subscribe(self, topic: str, handler: Any) -> None:
-        await self._t.subscribe(topic, handler)
+ACK_TOPIC = "bench.ack/x"
 
 
-async def _publish_ack_latency(make: Callable[[], Any], make_event: Any, pings: int) -> float:
-    """p50 ms of one publish awaited until the stream acked it."""
+async def _publish_ack_latency(make: MakeTransport, make_event: Any, pings: int) -> Figures:
+    """(p50 ms,) of one publish awaited until the stream acked it."""
     transport = make()
     await transport.connect()
     samples = []
     try:
         for i in range(pings):
             started = time.perf_counter()
-            await transport.publish("bench.ack/x", make_event(i))
+            await transport.publish(ACK_TOPIC, make_event(i))
             samples.append((time.perf_counter() - started) * 1000)
     finally:
         await transport.disconnect()
     samples.sort()
-    return samples[len(samples) // 2]
+    return (samples[len(samples) // 2],)
 
 
-class _RawAckPublish(RawJetStream):
-    async def publish(self, topic: str, event: Any) -> None:
-        headers = {"Nats-Msg-Id": event.id}
-        await self._js.publish(self._subject(topic), self._codec.encode(event), headers=headers)
+def _purger(servers: list[str]) -> Callable[[], Awaitable[None]]:
+    """Drops the bench's events from the default stream after each run, so every round
+    starts with the same stream and a broker given by ``--url`` keeps none of them."""
+
+    async def purge() -> None:
+        import nats
+
+        from loom_ha.nats import StreamOptions
+        from loom_ha.nats.subjects import SubjectCodec
+
+        subjects = SubjectCodec()
+        nc = await nats.connect(servers)
+        try:
+            js = nc.jetstream()
+            for topic in (THROUGHPUT_TOPIC, PING_TOPIC, PONG_TOPIC, ACK_TOPIC):
+                await js.purge_stream(StreamOptions().name, subject=subjects.subject(topic))
+        finally:
+            await nc.close()
+
+    return purge
 
 
 async def nats_rows(servers: list[str], events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
-    """NATS core and JetStream figures, each beside raw nats-py in `rounds` alternating rounds."""
+    """NATS core and JetStream figures: the default path (and the bare backend) beside raw
+    nats-py with the same codec, in `rounds` alternating rounds."""
+    from loom_ha.bench.ha import default_path, with_options
     from loom_ha.event import EventCodec, loom_event_class
-    from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
 
     make_event = loom_event_factory()
-    codec: EventCodec[Any] = EventCodec(loom_event_class())
-    rows: list[BenchRow] = []
+    event_class = loom_event_class()
+    codec: EventCodec[Any] = EventCodec(event_class)
+    url = ",".join(servers)
+    core = default_path(with_options(url, mode="core"), event_class=event_class)
 
-    def core() -> Any:
-        return NatsCoreTransport(servers, codec=codec, group_rule=None)
-
-    class GroupCore:
-        def __init__(self) -> None:
-            self._t = core()
-
-        async def connect(self) -> None:
-            await self._t.connect()
-
-        async def disconnect(self) -> None:
-            await self._t.disconnect()
-
-        async def publish(self, topic: str, event: Any) -> None:
-            await self._t.publish(topic, event)
-
-        async def subscribe(self, topic: str, handler: Any) -> None:
-            await self._t.subscribe(topic, handler, group="bench")
+    def raw_core(queue: str = "", codec: Any = codec) -> MakeTransport:
+        return lambda: RawCore(servers, codec=codec, queue=queue)
 
     payloads = [codec.encode(make_event(i)) for i in range(events)]
-    for name, ours, raw, make_raw_event, raw_name in (
-        ("nats core throughput", core, lambda: RawCore(servers, codec=codec), make_event, RAW),
-        (
-            "nats core queue-group throughput",
-            GroupCore,
-            lambda: RawCore(servers, codec=codec, queue="q"),
-            make_event,
-            RAW,
-        ),
+    bare_bytes = "raw nats-py, bytes, no codec"
+    rows: list[BenchRow] = []
+    for name, raw, raw_name, group, raw_event in (
+        ("nats core throughput", raw_core(), RAW, None, None),
+        ("nats core queue-group throughput", raw_core(queue="q"), RAW, "bench", None),
         (
             "nats core vs bare bytes",
-            core,
-            lambda: RawCore(servers, codec=_Bytes()),
+            raw_core(codec=_Bytes()),
+            bare_bytes,
+            None,
             payloads.__getitem__,
-            "raw nats-py, bytes, no codec",
         ),
     ):
-        results = await compare(
-            throughput_of(ours, make_event, events),
-            throughput_of(raw, make_raw_event, events),
-            rounds,
+        rows += await throughput_rows(
+            name,
+            core,
+            raw,
+            raw_name,
+            make_event=make_event,
+            events=events,
+            rounds=rounds,
+            group=group,
+            baseline_event=raw_event,
         )
-        rows.append(compared_row(name, "events/s", results, raw_name))
-    results = await compare(
-        latency_of(core, make_event, pings),
-        latency_of(lambda: RawCore(servers, codec=codec), make_event, pings),
-        rounds,
+    rows += await latency_rows(
+        "nats core request/reply",
+        core,
+        raw_core(),
+        RAW,
+        pings=pings,
+        make_event=make_event,
+        rounds=rounds,
     )
-    rows.append(compared_row("nats core request/reply p50", "ms", results, RAW, **LATENCY_P50))
-    rows.append(compared_row("nats core request/reply p99", "ms", results, RAW, **LATENCY_P99))
 
-    consumer = ConsumerOptions(heartbeat=1.0, pull_expires=10.0)
+    jetstream = default_path(
+        with_options(url, mode="jetstream"), event_class=event_class, cleanup=_purger(servers)
+    )
 
-    def jetstream() -> Any:
-        name = f"BENCH{uuid.uuid4().hex[:6]}"
-        return JetStreamTransport(
-            servers,
-            codec=codec,
-            group_rule=None,
-            consumer=consumer,
-            stream=StreamOptions(name=name, dead_letter_stream=name + "_DLQ", storage="memory"),
-            subject_prefix=name.lower(),
-            dead_letter_prefix=name.lower() + "dlq",
+    def raw_js(batch: int = 256) -> MakeTransport:
+        def make() -> RawJetStream:
+            stream = f"RAW{uuid.uuid4().hex[:6]}"
+            return RawJetStream(servers, codec=codec, stream=stream, batch=batch)
+
+        return make
+
+    for name, pipelined in (
+        ("jetstream throughput (awaited publish, ack)", False),
+        ("jetstream throughput (pipelined, ack)", True),
+    ):
+        rows += await throughput_rows(
+            name,
+            jetstream,
+            raw_js(),
+            RAW,
+            events=events,
+            pipelined=pipelined,
+            make_event=make_event,
+            rounds=rounds,
         )
 
-    def raw_js() -> Any:
-        return RawJetStream(servers, stream=f"RAW{uuid.uuid4().hex[:6]}")
-
-    results = await compare(
-        throughput_of(lambda: _PipelinedJetStream(jetstream()), make_event, events),
-        throughput_of(raw_js, make_event, events),
-        rounds,
-    )
-    rows.append(compared_row("jetstream throughput (async publish, ack)", "events/s", results, RAW))
-
-    def ack_latency(make: Callable[[], Any]) -> Measure:
+    def ack_latency(make: MakeTransport) -> Measure:
         async def measure() -> Figures:
-            return (await _publish_ack_latency(make, make_event, pings),)
+            return await _publish_ack_latency(make, make_event, pings)
 
         return measure
 
-    results = await compare(
-        ack_latency(jetstream),
-        ack_latency(lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}")),
+    rows += await path_rows(
+        jetstream,
+        ack_latency,
+        ack_latency(raw_js()),
+        RAW,
         rounds,
+        [("jetstream publish-ack p50", "ms", LATENCY_P50)],
     )
-    rows.append(compared_row("jetstream publish-ack p50", "ms", results, RAW, **LATENCY_P50))
-    results = await compare(
-        latency_of(jetstream, make_event, pings, fresh_reply=True),
-        # batch=1: nats-py's fetch(n) waits for n messages or its timeout
-        latency_of(
-            lambda: _RawAckPublish(servers, stream=f"RAW{uuid.uuid4().hex[:6]}", batch=1),
-            make_event,
-            pings,
-            fresh_reply=True,
-        ),
-        rounds,
+    # batch=1: nats-py's fetch(n) waits for n messages or its timeout
+    rows += await latency_rows(
+        "jetstream request/reply",
+        jetstream,
+        raw_js(batch=1),
+        RAW,
+        pings=pings,
+        fresh_reply=True,
+        make_event=make_event,
+        rounds=rounds,
     )
-    rows.append(compared_row("jetstream request/reply p50", "ms", results, RAW, **LATENCY_P50))
-    rows.append(compared_row("jetstream request/reply p99", "ms", results, RAW, **LATENCY_P99))
     return rows

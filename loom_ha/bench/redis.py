@@ -1,20 +1,17 @@
-"""Benchmark rows of the Redis transports beside raw redis-py doing the same work, same codec."""
+"""Benchmark rows of the Redis transports beside raw redis-py doing the same work, same codec.
+
+loom-ha's side is the default path (`create_transport`, HATransport and dedup included)
+with the bare backend below it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from loom_ha.bench.core import (
-    LATENCY_P50,
-    LATENCY_P99,
-    BenchRow,
-    compare,
-    compared_row,
-    latency_of,
-    throughput_of,
-)
+from loom_ha.bench.core import BenchRow, latency_rows, throughput_rows
+from loom_ha.bench.memory import loom_event_factory
 from loom_ha.redis._base import PIPELINE_BATCH
 
 RAW = "raw redis-py (same codec)"
@@ -23,17 +20,15 @@ RAW = "raw redis-py (same codec)"
 class RawPubSub:
     """The baseline: redis-py PUBLISH and its PubSub reader, nothing else."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, codec: Any) -> None:
         self._url = url
+        self.codec = codec
         self._handlers: dict[str, Any] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
 
     async def connect(self) -> None:
         import redis.asyncio as aioredis
 
-        from loom_ha.event import EventCodec
-
-        self.codec: EventCodec[Any] = EventCodec()
         self.client = aioredis.Redis.from_url(self._url, protocol=2)
         self.pubsub = self.client.pubsub()
         self._reader: asyncio.Task[None] | None = None
@@ -81,16 +76,14 @@ class RawPubSub:
 class RawStreams:
     """The baseline: XADD, and one XREADGROUP + XACK loop per topic."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, codec: Any) -> None:
         self._url = url
+        self.codec = codec
         self._readers: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
         import redis.asyncio as aioredis
 
-        from loom_ha.event import EventCodec
-
-        self.codec: EventCodec[Any] = EventCodec()
         self.client = aioredis.Redis.from_url(self._url, protocol=2)
         self.reader = aioredis.Redis.from_url(self._url, protocol=2)
 
@@ -144,72 +137,50 @@ def _batches(items: Iterable[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]
         yield batch
 
 
-def _event_factory() -> Callable[[int], Any]:
-    from loom_ha.event import CloudEvent
-
-    def make(i: int) -> Any:
-        return CloudEvent(source="/node/bench", type="bench", data={"n": i, "task": "hello"})
-
-    return make
-
-
 async def redis_rows(url: str, events: int, pings: int, rounds: int = 5) -> list[BenchRow]:
     """Pub/Sub and Streams throughput (one round trip per event, and pipelined), Pub/Sub
-    ping-pong latency: loom-ha beside raw redis-py, in `rounds` alternating rounds."""
-    from loom_ha.redis import RedisPubSubTransport, RedisStreamsTransport
+    ping-pong latency: the default path (and the bare backend) beside raw redis-py, in
+    `rounds` alternating rounds."""
+    from loom_ha.bench.ha import default_path, with_options
+    from loom_ha.event import EventCodec, loom_event_class
 
-    make_event = _event_factory()
-
-    def pubsub() -> Any:
-        return RedisPubSubTransport(url, group_rule=None)
-
-    def streams() -> Any:
-        return _Grouped(RedisStreamsTransport(url, group_rule=None, stream_prefix="bench:stream:"))
+    make_event = loom_event_factory()
+    event_class = loom_event_class()
+    codec: EventCodec[Any] = EventCodec(event_class)
+    pubsub = default_path(with_options(url, mode="pubsub"), event_class=event_class)
+    streams = default_path(with_options(url, mode="streams"), event_class=event_class)
 
     def raw_pubsub() -> Any:
-        return RawPubSub(url)
+        return RawPubSub(url, codec)
 
     def raw_streams() -> Any:
-        return RawStreams(url)
+        return RawStreams(url, codec)
 
     rows = []
-    for name, ours, raw, pipelined in (
-        ("redis pubsub throughput", pubsub, raw_pubsub, False),
-        ("redis pubsub throughput (pipelined)", pubsub, raw_pubsub, True),
-        ("redis streams throughput (group+ack)", streams, raw_streams, False),
-        ("redis streams throughput (pipelined, group+ack)", streams, raw_streams, True),
+    for name, path, raw, pipelined, group in (
+        ("redis pubsub throughput", pubsub, raw_pubsub, False, None),
+        ("redis pubsub throughput (pipelined)", pubsub, raw_pubsub, True, None),
+        ("redis streams throughput (group+ack)", streams, raw_streams, False, "bench"),
+        ("redis streams throughput (pipelined, group+ack)", streams, raw_streams, True, "bench"),
     ):
-        results = await compare(
-            throughput_of(ours, make_event, events, pipelined=pipelined),
-            throughput_of(raw, make_event, events, pipelined=pipelined),
-            rounds,
+        rows += await throughput_rows(
+            name,
+            path,
+            raw,
+            RAW,
+            make_event=make_event,
+            events=events,
+            rounds=rounds,
+            pipelined=pipelined,
+            group=group,
         )
-        rows.append(compared_row(name, "events/s", results, RAW))
-    results = await compare(
-        latency_of(pubsub, make_event, pings), latency_of(raw_pubsub, make_event, pings), rounds
+    rows += await latency_rows(
+        "redis pubsub ping-pong",
+        pubsub,
+        raw_pubsub,
+        RAW,
+        make_event=make_event,
+        pings=pings,
+        rounds=rounds,
     )
-    rows.append(compared_row("redis pubsub ping-pong p50", "ms", results, RAW, **LATENCY_P50))
-    rows.append(compared_row("redis pubsub ping-pong p99", "ms", results, RAW, **LATENCY_P99))
     return rows
-
-
-class _Grouped:
-    """A Streams transport whose subscriptions join a consumer group (as the raw one reads)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    async def connect(self) -> None:
-        await self.inner.connect()
-
-    async def subscribe(self, topic: str, handler: Any) -> None:
-        await self.inner.subscribe(topic, handler, group="bench")
-
-    async def publish(self, topic: str, event: Any) -> None:
-        await self.inner.publish(topic, event)
-
-    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
-        await self.inner.publish_many(items)
-
-    async def disconnect(self) -> None:
-        await self.inner.disconnect()

@@ -107,18 +107,19 @@ class DedupHandler:
     """Runs a handler unless its window already saw the event; completes or releases the claim.
 
     Used by `HATransport` (every subscription) and `BalancedTransport` (served requests);
-    `on_duplicate` counts a dropped copy for the owner's statistics.
+    keys are `scope` + the event's idempotency key (no scope: the window is this handler's
+    own); `on_duplicate` counts a dropped copy for the owner's statistics.
     """
 
     def __init__(
         self,
         handler: Callable[[Any], Any],
         window: DedupWindow,
-        scope: str,
+        scope: str | None,
         on_duplicate: Callable[[], None],
     ) -> None:
-        self.handler, self._window, self._scope = handler, window, scope
-        self._prefix = f"{scope}\x1f"
+        self.handler, self.window = handler, window
+        self._prefix = "" if scope is None else f"{scope}\x1f"
         self._on_duplicate = on_duplicate
         # The in-process window answers without awaiting: skip a coroutine per event.
         self._claim_nowait = window.claim_nowait if isinstance(window, MemoryDedup) else None
@@ -126,7 +127,7 @@ class DedupHandler:
     async def __call__(self, event: Any) -> None:
         key = self._prefix + idempotency_key(event)
         claim_nowait = self._claim_nowait
-        fresh = claim_nowait(key) if claim_nowait is not None else await self._window.claim(key)
+        fresh = claim_nowait(key) if claim_nowait is not None else await self.window.claim(key)
         if not fresh:
             self._on_duplicate()
             return
@@ -138,10 +139,10 @@ class DedupHandler:
             ):
                 await result
         except BaseException:
-            await self._window.release(key)
+            await self.window.release(key)
             raise
         if self._claim_nowait is None:
-            await self._window.complete(key)
+            await self.window.complete(key)
 
     def __repr__(self) -> str:
         return f"dedup({self.handler!r})"
@@ -151,20 +152,18 @@ class DedupWrappers:
     """The dedup side of one `HATransport`: its windows and one wrapper per handler.
 
     Competing deliveries (a group, given or by the backend's rule) share the configured
-    window across instances; fan-out ones use this process's own in-process window (through
-    a shared one, two processes' reply handlers would drop each other's replies). One
-    wrapper per handler keeps the inner transport's once-per-handler rule.
+    window, across instances when it is a shared one. A fan-out handler gets an in-process
+    window of its own (through a shared one, two processes' reply handlers would drop each
+    other's replies), made like the configured window when that is a `MemoryDedup`, and
+    dropped with the handler's last subscription: a short-lived handler (Loom's reply
+    handler of one call) leaves nothing behind. One wrapper per handler keeps the inner
+    transport's once-per-handler rule.
     """
 
-    def __init__(self, window: DedupWindow | bool | None, instance_id: str) -> None:
+    def __init__(self, window: DedupWindow | bool | None) -> None:
         self.shared: DedupWindow | None = MemoryDedup() if window is True else (window or None)
-        self.local: DedupWindow | None = (
-            self.shared
-            if self.shared is None or isinstance(self.shared, MemoryDedup)
-            else MemoryDedup()
-        )
-        self._instance_id = instance_id
-        self._wrappers: dict[Callable[[Any], Any], Callable[[Any], Any]] = {}
+        self._template = self.shared if isinstance(self.shared, MemoryDedup) else MemoryDedup()
+        self._wrappers: dict[Callable[[Any], Any], DedupHandler] = {}
         self.duplicates_dropped = 0
 
     @property
@@ -176,15 +175,15 @@ class DedupWrappers:
         self, handler: Callable[[Any], Any], topic: str, group: str | None
     ) -> Callable[[Any], Any]:
         """The wrapper of `handler` (made on first use); `group` as the backend resolved it."""
+        if self.shared is None:
+            return handler
         wrapper = self._wrappers.get(handler)
         if wrapper is None:
-            if self.shared is None or self.local is None:
-                wrapper = handler
-            elif group is not None:
+            if group is not None:
                 wrapper = DedupHandler(handler, self.shared, f"g:{group}:{topic}", self._dropped)
             else:
-                scope = f"i:{self._instance_id}:{id(handler)}"
-                wrapper = DedupHandler(handler, self.local, scope, self._dropped)
+                own = MemoryDedup(ttl=self._template.ttl, max_entries=self._template.max_entries)
+                wrapper = DedupHandler(handler, own, None, self._dropped)
             self._wrappers[handler] = wrapper
         return wrapper
 
@@ -192,17 +191,20 @@ class DedupWrappers:
         """The wrapper `handler` was subscribed with, if any."""
         return self._wrappers.get(handler)
 
-    def forget(self, handler: Callable[[Any], Any]) -> None:
-        """`handler` has no subscription left: its next subscription gets a new wrapper."""
-        self._wrappers.pop(handler, None)
+    async def forget(self, handler: Callable[[Any], Any]) -> None:
+        """`handler` has no subscription left: drop its wrapper and its own window."""
+        wrapper = self._wrappers.pop(handler, None)
+        if wrapper is not None and wrapper.window is not self.shared:
+            await wrapper.window.close()
 
     async def close(self) -> None:
         """Drop every wrapper and close the windows."""
+        own = [w.window for w in self._wrappers.values() if w.window is not self.shared]
         self._wrappers.clear()
+        for window in own:
+            await window.close()
         if self.shared is not None:
             await self.shared.close()
-        if self.local is not None and self.local is not self.shared:
-            await self.local.close()
 
     def _dropped(self) -> None:
         self.duplicates_dropped += 1

@@ -82,7 +82,6 @@ class HATransport(Transport):
         dedup: the dedup window; ``None`` turns deduplication off. The default is an
             in-process window; pass `loom_ha.redis.RedisDedup` (or `loom_ha.nats.NatsDedup`)
             to share it across instances.
-        instance_id: scopes fan-out dedup keys to this process (groups share theirs).
         health_interval: seconds between checks of the inner transport's state.
     """
 
@@ -93,7 +92,6 @@ class HATransport(Transport):
         retry: RetryPolicy | None = None,
         outbox: OutboxConfig | None = None,
         dedup: DedupWindow | bool | None = True,
-        instance_id: str = "local",
         health_interval: float = 0.2,
     ) -> None:
         if isinstance(target, Transport):
@@ -112,7 +110,7 @@ class HATransport(Transport):
         self._inner: Transport = self._factories[self._endpoint_index]()
         self._retry = retry or RECOVERY
         self._outbox = Outbox(outbox or OutboxConfig())
-        self._dedup = DedupWrappers(dedup, instance_id)
+        self._dedup = DedupWrappers(dedup)
         self.capabilities = replace(self._inner.capabilities, dedup=self._dedup.enabled)
         self._health_interval = health_interval
         self._cell = StateCell("loom_ha.ha")
@@ -343,21 +341,21 @@ class HATransport(Transport):
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Forget the subscription (it is not restored after a reconnect)."""
         self._subs = [s for s in self._subs if not (s.topic == topic and s.handler == handler)]
-        wrapper = self._dedup.wrapper_of(handler)
-        if wrapper is not None and not any(s.handler == handler for s in self._subs):
-            self._dedup.forget(handler)
-        if wrapper is not None and self._state is TransportState.CONNECTED:
-            try:
-                await self._inner.unsubscribe(topic, wrapper)
-            except Exception as exc:
-                if not _broker_failure(exc):
-                    raise
-                self._start_recovery(exc)
+        wrapper = self._dedup.wrapper_of(handler) or handler  # unknown pairs: ignored inside
+        try:
+            if self._state is TransportState.CONNECTED:
+                try:
+                    await self._inner.unsubscribe(topic, wrapper)
+                except Exception as exc:
+                    if not _broker_failure(exc):
+                        raise
+                    self._start_recovery(exc)
+        finally:
+            if not any(s.handler == handler for s in self._subs):
+                await self._dedup.forget(handler)  # after the inner side: none is in flight
 
     def _wrapped(self, handler: Handler, sub: _Subscription) -> Handler:
         """`handler` behind its dedup wrapper (the window depends on whether it competes)."""
-        if not self._dedup.enabled:
-            return handler
         return self._dedup.wrap(handler, sub.topic, self._inner.resolve_group(sub.topic, sub.group))
 
     # -- recovery ------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loom_ha.event import CloudEvent, idempotency_key
 from loom_ha.ha import dedup as dedup_module
-from loom_ha.ha.dedup import MemoryDedup
+from loom_ha.ha.dedup import DedupWrappers, MemoryDedup
 
 
 async def test_memory_window_claims_once_and_releases() -> None:
@@ -77,3 +78,30 @@ def _replay(steps: list[tuple[str, str, float]], max_entries: int, now: list[flo
             if fresh:
                 model = [*model, (key, now[0] + 2.0)][-max_entries:]
             assert window.claim_nowait(key) is fresh, (action, key, now[0], model)
+
+
+async def test_a_fan_out_handler_window_goes_with_its_last_subscription() -> None:
+    """Each fan-out handler dedups in a window of its own that is dropped when the handler
+    is forgotten: Loom's per-call reply handlers leave no entries behind."""
+    wrappers = DedupWrappers(True)
+    seen: list[str] = []
+
+    async def first(event: CloudEvent) -> None:
+        seen.append(f"first {event.id}")
+
+    async def second(event: CloudEvent) -> None:
+        seen.append(f"second {event.id}")
+
+    event = CloudEvent.create(source="/test", type="t")
+    wrapped = [wrappers.wrap(h, "t/x", None) for h in (first, second)]
+    for wrapper in wrapped * 2:  # each handler once, then a copy of the same event to each
+        await wrapper(event)
+    assert seen == [f"first {event.id}", f"second {event.id}"]
+    assert wrappers.duplicates_dropped == 2
+
+    window = wrapped[0].window  # type: ignore[attr-defined]
+    assert window is not wrapped[1].window  # type: ignore[attr-defined]
+    await wrappers.forget(first)
+    assert await window.claim(idempotency_key(event))  # emptied: nothing kept for it
+    assert wrappers.wrapper_of(first) is None
+    assert wrappers.wrap(first, "t/x", None) is not wrapped[0]  # subscribed again: a new one

@@ -109,6 +109,23 @@ def faults() -> list[Fault]:
               "core: what was in flight; jetstream: no", "no",
               "declared dead ≤ 2 s; `disconnect()` returns while it is frozen",
               "tests/nats/test_liveness.py"),
+        Fault("consul", "registry", "the agent the registry talks to frozen 10 s",
+              "no: heartbeats resume on SIGCONT; `instances()` serves the last snapshot",
+              "no",
+              "a blocking query is given up after `watch_wait + watch_wait/16 + timeout` "
+              "(watch stale after 2.1 s measured, fresh 0.02 s after resume)",
+              "tests/discovery/test_chaos.py (frozen agent)"),
+        Fault("consul", "registry",
+              "Consul leader of 3 frozen 5-8 s; registries on a client agent",
+              "no registration; one that raised (`RegistryUnavailableError`) and reached the "
+              "agent later is removed by the next heartbeat round (3-5 per run)",
+              "no",
+              "a registration wedges the client agent until the leader answers (Consul 1.8 "
+              "holds its state lock across the catalog RPC): registrations and heartbeats "
+              "time out meanwhile; instances with a TTL longer than that never leave the "
+              "passing set, a 2 s TTL drops for 10-40 ms at the end; new leader 2.5-3.9 s, "
+              "watch stale 0.4-4.7 s (measured)",
+              "tests/discovery/test_consul_freeze.py"),
     ]  # fmt: skip
 
 

@@ -58,8 +58,8 @@ def open_registry(url: str, **options: Any) -> ServiceRegistry:
     if scheme == "memory":
         return MemoryRegistry(**options)
     raise ConfigurationError(
-        f"registry URL {url!r}: scheme must be consul://, consul+https://, redis://, rediss:// "
-        "or memory://"
+        f"registry URL scheme {scheme!r} is not one of consul://, consul+https://, redis://, "
+        "rediss://, memory://"  # never the URL itself: it may hold a token or password
     )
 
 

@@ -1,16 +1,18 @@
 """How `ConsulRegistry` talks to Consul: py-consul's asyncio client on a bounded aiohttp pool,
-the error mapping, and the formats loom-ha writes into Consul and reads back (meta keys,
-durations, check outputs, `/v1/health/service` entries).
+the error mapping (ACL denials included), the ACL rules a registry needs, and the formats
+loom-ha writes into Consul and reads back (meta keys, durations, check outputs,
+`/v1/health/service` entries).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 try:
     import aiohttp
@@ -33,6 +35,7 @@ from loom_ha.discovery.instance import Health, ServiceInstance
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
 
 __all__ = [
+    "DEFAULT_ADDRESS",
     "HEARTBEAT_SERVICE",
     "META_ADDRESS",
     "META_HEARTBEAT",
@@ -41,11 +44,16 @@ __all__ = [
     "ConsulException",
     "NotFound",
     "TraceConfig",
+    "acl_rules",
+    "check_readable",
+    "denied",
     "duration",
     "heartbeat_output",
     "heartbeat_times",
     "host_port",
     "map_consul_errors",
+    "parse_address",
+    "parse_consul_address",
     "parse_entry",
     "parse_heartbeat_output",
     "reports",
@@ -70,6 +78,68 @@ _STATUS_TTL = "87600h"
 # know (e.g. after an agent restart, protoactor-dotnet #442); later versions answer 404.
 _UNKNOWN_CHECK = ("does not have associated ttl", "unknown check")
 _HEARTBEAT = re.compile(r"^loom-ha heartbeat (\d+(?:\.\d+)?)(?:; (.*))?$", re.DOTALL)
+DEFAULT_ADDRESS = ("http", "127.0.0.1", 8500)
+# What an error message shows of a URL: never its token (userinfo or ?token=).
+_SECRETS = re.compile(r"(?<=://)[^/?#]*@|(?<=[?&]token=)[^&#]*", re.IGNORECASE)
+
+
+def parse_consul_address(
+    url: str | None = None, *, host: str | None = None, port: int | None = None
+) -> tuple[str, str, int]:
+    """(scheme, host, port) of the Consul HTTP API.
+
+    Precedence: `url` (``consul://host:port``, ``http://``, ``https://``; ``consul+https://``
+    for TLS; an ACL token as ``consul://TOKEN@host:port`` or ``?token=TOKEN``), then
+    `host`/`port`, then ``CONSUL_HTTP_ADDR`` (``host:port`` or a URL; scheme https when
+    ``CONSUL_HTTP_SSL=true``), then ``http://127.0.0.1:8500``.
+
+    Raises:
+        ConfigurationError: naming the URL (or variable) that is not a Consul HTTP address
+            (its token shown as ``***``).
+    """
+    scheme, address, number, _ = parse_address(url, host, port)
+    return scheme, address, number
+
+
+def parse_address(
+    url: str | None, host: str | None, port: int | None
+) -> tuple[str, str, int, str | None]:
+    """`parse_consul_address` plus the URL's token (None when it has none)."""
+    if url is None and host is None and port is None:
+        env = os.environ.get("CONSUL_HTTP_ADDR")
+        if not env:
+            return (*DEFAULT_ADDRESS, None)
+        ssl_env = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
+        candidate = env if "://" in env else f"{'https' if ssl_env else 'http'}://{env}"
+        return _parse_url(candidate, what=f"CONSUL_HTTP_ADDR={_SECRETS.sub('***', env)!r}")
+    if url is not None:
+        return _parse_url(url, what=f"Consul URL {_SECRETS.sub('***', url)!r}")
+    return "http", host or DEFAULT_ADDRESS[1], port or DEFAULT_ADDRESS[2], None
+
+
+def _parse_url(url: str, *, what: str) -> tuple[str, str, int, str | None]:
+    schemes = {"consul": "http", "http": "http", "consul+https": "https", "https": "https"}
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid {what}: {_SECRETS.sub('***', str(exc))}") from exc
+    if parts.scheme not in schemes:
+        raise ConfigurationError(
+            f"invalid {what}: scheme must be one of {', '.join(schemes)}, e.g. consul://host:8500"
+        )
+    query = parse_qs(parts.query, keep_blank_values=True)
+    tokens = [unquote(parts.username)] if parts.username else []
+    tokens += query.pop("token", [])
+    if not parts.hostname or parts.path not in ("", "/") or query or parts.password is not None:
+        raise ConfigurationError(
+            f"invalid {what}: expected consul://host:port, with an ACL token as "
+            "consul://TOKEN@host:port or consul://host:port?token=TOKEN, and nothing else"
+        )
+    if len(tokens) > 1 or tokens == [""]:
+        raise ConfigurationError(f"invalid {what}: give one non-empty ACL token")
+    token = tokens[0] if tokens else None
+    return schemes[parts.scheme], parts.hostname, port or DEFAULT_ADDRESS[2], token
 
 
 class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
@@ -137,15 +207,40 @@ class ConsulClient(consul.aio.Consul):  # type: ignore[misc]
         )
 
 
+def denied(endpoint: str, reason: str, *, token: bool) -> str:
+    """The message of an ACL denial (HTTP 403): which of the three cases it is, and the fix.
+
+    Consul answers ``ACL not found`` for a token it does not know and ``Permission denied:
+    Missing <permission>`` for a known (or the anonymous) token without the permission.
+    Never contains the token: Consul's answers do not echo it.
+    """
+    if "acl not found" in reason.lower():
+        return (
+            f"consul at {endpoint} does not know the ACL token given ({reason}): check "
+            "token=, the consul:// URL's token or CONSUL_HTTP_TOKEN"
+        )
+    if not token:
+        return (
+            f"consul at {endpoint} denied the request ({reason}): no ACL token was given; pass "
+            "token=, consul://TOKEN@host:port or set CONSUL_HTTP_TOKEN"
+        )
+    return (
+        f"consul at {endpoint} denied the request ({reason}): the ACL token lacks this "
+        "permission; add it to the token's policy (loom_ha.discovery.consul.acl_rules)"
+    )
+
+
 @contextlib.contextmanager
-def map_consul_errors(endpoint: str) -> Iterator[None]:
-    """Translate py-consul / aiohttp errors into loom-ha's, keeping the cause."""
+def map_consul_errors(endpoint: str, *, token: bool = True) -> Iterator[None]:
+    """Translate py-consul / aiohttp errors into loom-ha's, keeping the cause.
+
+    An ACL denial is a `RegistryError`, never retried: the same token gets the same answer.
+    `token` says whether the request carried one (for the message).
+    """
     try:
         yield
     except (ACLPermissionDenied, ACLDisabled) as exc:
-        raise RegistryError(
-            f"consul at {endpoint} denied the request ({exc}): set CONSUL_HTTP_TOKEN or token="
-        ) from exc
+        raise RegistryError(denied(endpoint, str(exc).strip(), token=token)) from exc
     except (BadRequest, ClientError) as exc:
         raise RegistryError(f"consul at {endpoint} rejected the request: {exc}") from exc
     except (ConsulException, aiohttp.ClientError, OSError) as exc:
@@ -153,9 +248,60 @@ def map_consul_errors(endpoint: str) -> Iterator[None]:
         raise RegistryUnavailableError(f"consul at {endpoint} unavailable: {exc}") from exc
 
 
-async def set_ttl_check(endpoint: str, update: Any, check_id: str, output: str) -> bool:
+async def check_readable(client: Any, endpoint: str, service: str, *, token: bool) -> None:
+    """Raise `RegistryError` when the request's token may not read `service`.
+
+    Consul (1.8) filters what a token may not read out of ``/v1/health/service`` silently:
+    an unreadable service looks like one without instances. The agent's
+    ``/v1/agent/health/service/name/<service>`` checks ``service:read`` first and answers
+    403; any other answer (200, 404, 429, 503: the local instances' health) means readable.
+    """
+
+    def status(response: Any) -> tuple[int, str]:
+        return int(response.code), str(response.body)
+
+    with map_consul_errors(endpoint, token=token):
+        code, body = await client.http.get(
+            status,
+            f"/v1/agent/health/service/name/{service}",
+            headers=client.prepare_headers(),
+        )
+    if code in (401, 403):
+        reason = body.strip()
+        if "acl not found" not in reason.lower():
+            reason = f"Permission denied: Missing service:read on {service}"
+        raise RegistryError(denied(endpoint, reason, token=token))
+
+
+def acl_rules(register: Iterable[str] = (), *, read: Iterable[str] = ()) -> str:
+    """The smallest Consul ACL policy (HCL rules) a `ConsulRegistry` needs.
+
+    ``service:write`` on every service it registers instances of (`register`) and on the
+    process heartbeat service; ``service:read`` on every service it only watches or lists
+    (`read`); ``node:read`` on every node, without which ``/v1/health/service`` silently
+    leaves out the instances on nodes the token may not read. A name ending in ``*`` is a
+    prefix (``orders-*`` covers ``orders-eu``, ...).
+    """
+    rules: list[str] = []
+
+    def rule(name: str, policy: str) -> None:
+        kind = "service_prefix" if name.endswith("*") else "service"
+        rules.append(f'{kind} "{name.removesuffix("*")}" {{ policy = "{policy}" }}')
+
+    writes = list(register)
+    for name in [HEARTBEAT_SERVICE, *writes] if writes else []:
+        rule(name, "write")
+    for name in read:
+        rule(name, "read")
+    rules.append('node_prefix "" { policy = "read" }')
+    return "\n".join(rules) + "\n"
+
+
+async def set_ttl_check(
+    endpoint: str, update: Any, check_id: str, output: str, *, token: bool = True
+) -> bool:
     """Set a TTL check with `update` (py-consul's pass / warn / fail); False if unknown."""
-    with map_consul_errors(endpoint):
+    with map_consul_errors(endpoint, token=token):
         try:
             await update(check_id, notes=output)
         except NotFound:

@@ -12,6 +12,8 @@ one per watched service, on a connection pool of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import re
 import socket
@@ -19,7 +21,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from typing_extensions import override
 
@@ -31,11 +32,15 @@ from loom_ha.discovery._consul_http import (
     ConsulClient,
     ConsulException,
     TraceConfig,
+    acl_rules,
+    check_readable,
     duration,
     heartbeat_output,
     heartbeat_times,
     host_port,
     map_consul_errors,
+    parse_address,
+    parse_consul_address,
     parse_entry,
     parse_heartbeat_output,
     reports,
@@ -50,13 +55,15 @@ from loom_ha.errors import ConfigurationError
 __all__ = [
     "HEARTBEAT_SERVICE",
     "ConsulRegistry",
+    "acl_rules",
     "heartbeat_output",
     "map_consul_errors",
     "parse_consul_address",
     "parse_heartbeat_output",
 ]
 
-DEFAULT_ADDRESS = ("http", "127.0.0.1", 8500)
+log = logging.getLogger("loom_ha.discovery")
+
 # Consul reaps critical services at most once a minute, whatever is asked (agent docs).
 _MIN_DEREGISTER_AFTER = 60.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -67,46 +74,9 @@ RECONCILE_EVERY = 10
 # Connections a process keeps for its heartbeat rounds, apart from every other call: a
 # round must not wait behind its own registration storm.
 _BEAT_CONNECTIONS = 2
-
-
-def parse_consul_address(
-    url: str | None = None, *, host: str | None = None, port: int | None = None
-) -> tuple[str, str, int]:
-    """(scheme, host, port) of the Consul HTTP API.
-
-    Precedence: `url` (``consul://host:port``, ``http://``, ``https://``; ``consul+https://``
-    for TLS), then `host`/`port`, then ``CONSUL_HTTP_ADDR`` (``host:port`` or a URL; scheme
-    https when ``CONSUL_HTTP_SSL=true``), then ``http://127.0.0.1:8500``.
-
-    Raises:
-        ConfigurationError: naming the URL (or variable) that is not a Consul HTTP address.
-    """
-    if url is None and host is None and port is None:
-        env = os.environ.get("CONSUL_HTTP_ADDR")
-        if not env:
-            return DEFAULT_ADDRESS
-        ssl_env = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
-        candidate = env if "://" in env else f"{'https' if ssl_env else 'http'}://{env}"
-        return _parse_url(candidate, what=f"CONSUL_HTTP_ADDR={env!r}")
-    if url is not None:
-        return _parse_url(url, what=f"Consul URL {url!r}")
-    return "http", host or DEFAULT_ADDRESS[1], port or DEFAULT_ADDRESS[2]
-
-
-def _parse_url(url: str, *, what: str) -> tuple[str, str, int]:
-    schemes = {"consul": "http", "http": "http", "consul+https": "https", "https": "https"}
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"invalid {what}: {exc}") from exc
-    if parts.scheme not in schemes:
-        raise ConfigurationError(
-            f"invalid {what}: scheme must be one of {', '.join(schemes)}, e.g. consul://host:8500"
-        )
-    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
-        raise ConfigurationError(f"invalid {what}: expected consul://host:port and nothing else")
-    return schemes[parts.scheme], parts.hostname, port or DEFAULT_ADDRESS[2]
+# Most left-behind instances (a registration raised, yet reached the agent) one heartbeat
+# round removes; one request each.
+_STRAYS_PER_ROUND = 8
 
 
 class ConsulRegistry(ServiceRegistry):
@@ -146,10 +116,12 @@ class ConsulRegistry(ServiceRegistry):
         `ServiceRegistry` (`deregister_after` below 60 s is raised to 60 s, Consul's floor).
 
         Args:
-            url: ``consul://host:port`` (``consul+https://`` for TLS, or http(s)://).
+            url: ``consul://host:port`` (``consul+https://`` for TLS, or http(s)://), with an
+                optional ACL token: ``consul://TOKEN@host:port`` or ``?token=TOKEN``.
             host: instead of `url` (with `port`); neither: ``CONSUL_HTTP_ADDR`` or 127.0.0.1:8500.
             port: instead of `url` (with `host`).
-            token: ACL token; default ``CONSUL_HTTP_TOKEN``.
+            token: ACL token; default the URL's, else ``CONSUL_HTTP_TOKEN``. Never shown in
+                `repr`, `statistics()`, errors or logs. `acl_rules()` writes its policy.
             datacenter: query this datacenter (default: the agent's).
             verify: TLS verification (bool or CA bundle path); cert: client certificate.
             max_connections: connection pool of calls (registrations, reports, reads);
@@ -164,7 +136,7 @@ class ConsulRegistry(ServiceRegistry):
         Raises:
             ConfigurationError: the address or a limit is invalid (named in the message).
         """
-        scheme, self.host, self.port = parse_consul_address(url, host=host, port=port)
+        scheme, self.host, self.port, url_token = parse_address(url, host, port)
         if max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, got {max_connections}")
         super().__init__(
@@ -179,7 +151,8 @@ class ConsulRegistry(ServiceRegistry):
             endpoint=f"{scheme}://{self.host}:{self.port}",
         )
         self.scheme = scheme
-        self.token = token if token is not None else os.environ.get("CONSUL_HTTP_TOKEN") or None
+        env_token = os.environ.get("CONSUL_HTTP_TOKEN")
+        self.token = (token if token is not None else url_token or env_token) or None
         self.datacenter = datacenter
         self.process_id = _UNSAFE.sub("-", process_id or _default_process_id())
         self.max_connections = max_connections
@@ -191,6 +164,8 @@ class ConsulRegistry(ServiceRegistry):
         self._beating: set[str] = set()  # heartbeat services the agent has (as far as we know)
         self._beat_lock = asyncio.Lock()
         self._rounds: dict[str, int] = {}
+        self._readable: set[str] = set()  # services the token was seen allowed to read
+        self._unsure: set[str] = set()  # heartbeats with a registration that may have landed
 
     def _client(self, pool: str = "calls") -> Any:
         # Built lazily: aiohttp wants a running event loop for its session. Three pools:
@@ -212,6 +187,10 @@ class ConsulRegistry(ServiceRegistry):
             client.token = self.token
             self._clients[pool] = client
         return client
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        """`map_consul_errors` for this registry (an ACL denial says whether a token was set)."""
+        return map_consul_errors(self.endpoint, token=self.token is not None)
 
     @staticmethod
     def service_id(instance: ServiceInstance) -> str:
@@ -252,18 +231,26 @@ class ConsulRegistry(ServiceRegistry):
             META_HEARTBEAT: beat,
         }
         reported = reports(instance)
-        with map_consul_errors(self.endpoint):
-            await self._client().agent.service.register(
-                instance.service,
-                service_id=self.service_id(instance),
-                address=host,
-                port=port,
-                tags=list(instance.tags),
-                meta=meta,
-                weights={"Passing": instance.weight, "Warning": 1},
-                check=alive,
-                extra_checks=[status_check(self.check_id(instance), instance)] if reported else [],
-            )
+        try:
+            with self._errors():
+                await self._client().agent.service.register(
+                    instance.service,
+                    service_id=self.service_id(instance),
+                    address=host,
+                    port=port,
+                    tags=list(instance.tags),
+                    meta=meta,
+                    weights={"Passing": instance.weight, "Warning": 1},
+                    check=alive,
+                    extra_checks=[status_check(self.check_id(instance), instance)]
+                    if reported
+                    else [],
+                )
+        except BaseException:
+            # A request given up on (timeout) may still be applied: an agent wedged behind a
+            # frozen Consul leader applies it when it recovers. The next round looks.
+            self._unsure.add(beat)
+            raise
         if reported:  # a check is registered without output: write the reason
             await self._set_status(instance, "calls")
 
@@ -272,12 +259,12 @@ class ConsulRegistry(ServiceRegistry):
         checks = self._client(pool).agent.check
         if not reports(instance):
             # Passing, nothing to say: the alias check says it all, the status check goes.
-            with map_consul_errors(self.endpoint):
+            with self._errors():
                 await checks.deregister(self.check_id(instance))
             return True
         if await self._set_status(instance, pool):
             return True
-        with map_consul_errors(self.endpoint):
+        with self._errors():
             try:  # its first report: add the status check to the instance's service
                 definition = status_check(self.check_id(instance), instance)
                 await checks.register(
@@ -300,7 +287,11 @@ class ConsulRegistry(ServiceRegistry):
             instance.health, checks.ttl_fail
         )
         return await set_ttl_check(
-            self.endpoint, update, self.check_id(instance), heartbeat_output(instance)
+            self.endpoint,
+            update,
+            self.check_id(instance),
+            heartbeat_output(instance),
+            token=self.token is not None,
         )
 
     @override
@@ -311,15 +302,19 @@ class ConsulRegistry(ServiceRegistry):
         ttl: float,
     ) -> list[ServiceInstance]:
         beat = self.heartbeat_id(ttl)
+        if not instances and beat not in self._beating:
+            # Nothing registered: the registration that started this group was refused (an
+            # ACL denial, say). Beating would repeat that refusal every round, forever.
+            return []
         rounds = self._rounds[beat] = self._rounds.get(beat, 0) + 1
         forgotten: list[ServiceInstance] = []
         if not await self._beat(beat, len(instances)):
             # Agent restarted (or the heartbeat was removed): which instances survived?
             self._beating.discard(beat)
             await self._ensure_heartbeat(ttl, pool="beats")
-            forgotten = await self._missing(beat, instances)
-        elif rounds % RECONCILE_EVERY == 0:
-            forgotten = await self._missing(beat, instances)
+            forgotten = await self._reconcile(beat, instances)
+        elif rounds % RECONCILE_EVERY == 0 or beat in self._unsure:
+            forgotten = await self._reconcile(beat, instances)
         lost = {self.service_id(i) for i in forgotten}
 
         async def report(instance: ServiceInstance) -> None:
@@ -331,19 +326,36 @@ class ConsulRegistry(ServiceRegistry):
             raise failed[0][1]
         return forgotten
 
-    async def _missing(
+    async def _reconcile(
         self, beat: str, instances: Sequence[ServiceInstance]
     ) -> list[ServiceInstance]:
-        """Those of `instances` (all bound to `beat`) the agent does not have."""
-        with map_consul_errors(self.endpoint):
+        """Those of `instances` (all bound to `beat`) the agent does not have; and remove
+        from the agent what is bound to `beat` but registered by no one here (a
+        registration that raised, yet reached the agent: it would stay passing)."""
+        with self._errors():
             known = await self._client("beats").agent.services(
                 filter_expr=f'Meta.{META_HEARTBEAT} == "{beat}"'
             )
-        return [i for i in instances if self.service_id(i) not in (known or {})]
+        known = known or {}
+        strays = [
+            service_id
+            for service_id, svc in known.items()
+            if (svc.get("Service"), (svc.get("Meta") or {}).get(META_INSTANCE))
+            not in self._registrations
+        ]
+        if strays:
+            log.warning("removing %d instance(s) whose registration raised", len(strays))
+        # A few per round, so that the round stays inside its deadline; the rest next round.
+        for service_id in strays[:_STRAYS_PER_ROUND]:
+            with self._errors():
+                await self._client("beats").agent.service.deregister(service_id)
+        if len(strays) <= _STRAYS_PER_ROUND:
+            self._unsure.discard(beat)
+        return [i for i in instances if self.service_id(i) not in known]
 
     @override
     async def _remove(self, instance: ServiceInstance) -> None:
-        with map_consul_errors(self.endpoint):
+        with self._errors():
             await self._client().agent.service.deregister(self.service_id(instance))
 
     @override
@@ -354,7 +366,7 @@ class ConsulRegistry(ServiceRegistry):
         finally:
             beats, self._beating = sorted(self._beating), set()
             for beat in beats:
-                with map_consul_errors(self.endpoint):
+                with self._errors():
                     await self._call(self._client().agent.service.deregister(beat), self.timeout)
 
     @override
@@ -362,7 +374,10 @@ class ConsulRegistry(ServiceRegistry):
         self, service: str, index: int, wait: float
     ) -> tuple[int, list[ServiceInstance]]:
         client = self._client("watches" if index else "calls")
-        with map_consul_errors(self.endpoint):
+        if service not in self._readable:  # once: Consul hides what a token may not read
+            await check_readable(client, self.endpoint, service, token=self.token is not None)
+            self._readable.add(service)
+        with self._errors():
             raw_index, nodes = await client.health.service(
                 service, index=index or None, wait=duration(wait) if index else None
             )
@@ -371,7 +386,7 @@ class ConsulRegistry(ServiceRegistry):
 
     @override
     async def _services(self) -> list[str]:
-        with map_consul_errors(self.endpoint):
+        with self._errors():
             _, services = await self._client().catalog.services()
         return [name for name in services or {} if name not in ("consul", HEARTBEAT_SERVICE)]
 
@@ -388,7 +403,7 @@ class ConsulRegistry(ServiceRegistry):
         reads) only syncs output-only changes every ``check_update_interval`` (5 min).
         """
         self._check_open()
-        with map_consul_errors(self.endpoint):
+        with self._errors():
             checks = await self._call(self._client().agent.checks(), self.timeout)
             services = await self._call(self._client().agent.services(), self.timeout)
         return heartbeat_times(checks or {}, services or {})
@@ -410,7 +425,7 @@ class ConsulRegistry(ServiceRegistry):
                 "Notes": f"heartbeat every <= {ttl / 3:.3g}s for every instance of the process",
             }
             meta = {"process": self.process_id, "pid": str(os.getpid())}
-            with map_consul_errors(self.endpoint):
+            with self._errors():
                 await self._client(pool).agent.service.register(
                     HEARTBEAT_SERVICE, service_id=beat, meta=meta, check=check
                 )
@@ -423,7 +438,11 @@ class ConsulRegistry(ServiceRegistry):
         """Pass this process's heartbeat check; False if the agent does not know it."""
         output = f"loom-ha heartbeat {time.time():.3f}; {count} instance(s)"
         return await set_ttl_check(
-            self.endpoint, self._client("beats").agent.check.ttl_pass, beat, output
+            self.endpoint,
+            self._client("beats").agent.check.ttl_pass,
+            beat,
+            output,
+            token=self.token is not None,
         )
 
 

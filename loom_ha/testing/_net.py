@@ -12,7 +12,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "LOCALHOST",
@@ -77,10 +77,15 @@ def http_get(url: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def http_request(
-    url: str, *, method: str = "GET", body: bytes | None = None, timeout: float = 2.0
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    timeout: float = 2.0,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """Send one HTTP request without any proxy; return (status, body), also for 4xx/5xx."""
-    request = urllib.request.Request(url, data=body, method=method)
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     if body is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -97,7 +102,12 @@ def http_get_json(url: str, *, timeout: float = 2.0) -> object:
 
 
 def http_json(
-    url: str, *, method: str = "GET", payload: object = None, timeout: float = 2.0
+    url: str,
+    *,
+    method: str = "GET",
+    payload: object = None,
+    timeout: float = 2.0,
+    headers: Mapping[str, str] | None = None,
 ) -> object:
     """Send `payload` as JSON (if not None) and decode the JSON answer (None when empty).
 
@@ -105,7 +115,7 @@ def http_json(
         OSError: unreachable, or a non-2xx answer (status and body start in the message).
     """
     body = None if payload is None else json.dumps(payload).encode()
-    status, data = http_request(url, method=method, body=body, timeout=timeout)
+    status, data = http_request(url, method=method, body=body, timeout=timeout, headers=headers)
     if not 200 <= status < 300:
         raise OSError(f"{method} {url} -> HTTP {status}: {data[:200]!r}")
     return json.loads(data) if data.strip() else None

@@ -1,12 +1,15 @@
-"""Real consul launchers: a `-dev` agent and a cluster of server agents, all on 127.0.0.1.
+"""Real consul launchers: a `-dev` agent, a cluster of server agents and client agents, all
+on 127.0.0.1, optionally with ACLs enforced (default deny).
 
 Stdlib only; readiness comes from the HTTP API (`/v1/status/leader`), never from py-consul.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -30,6 +33,22 @@ _COMMON_HCL = "disable_update_check = true"
 _FAST_RAFT_HCL = "performance { raft_multiplier = 1 }"
 
 
+def _acl_hcl(management_token: str, *, server: bool) -> str:
+    """ACLs on, default deny; the agent's own token is the management token.
+
+    Consul 1.8 names the bootstrap token ``master`` (1.11+ also accept it, as a deprecated
+    alias of ``initial_management``, which 1.8 rejects); only servers bootstrap it. The agent
+    token lets the agent register its own node and sync services to the catalog.
+    """
+    token = json.dumps(management_token)
+    tokens = f"master = {token}\n    agent = {token}" if server else f"agent = {token}"
+    return (
+        'primary_datacenter = "dc1"\n'
+        'acl {\n  enabled = true\n  default_policy = "deny"\n  down_policy = "extend-cache"\n'
+        f"  tokens {{\n    {tokens}\n  }}\n}}\n"
+    )
+
+
 class ConsulAgent(ServerProcess):
     """A consul agent on 127.0.0.1: `-dev` by default, a server of a `ConsulCluster`, or a
     client agent (neither `dev` nor `bootstrap_expect`: it joins `retry_join`).
@@ -49,6 +68,9 @@ class ConsulAgent(ServerProcess):
         log_level: `-log-level`; None keeps `-dev`'s DEBUG. A 1.8 agent's writes cost time
             per local service and check, far more at DEBUG: benchmarks use "info" (the
             production default).
+        acl: enforce ACLs (default policy deny); `management_token` then holds the token
+            that may do anything (a random UUID unless given: every member of a cluster and
+            its client agents share one). `api()` sends it; `create_token()` makes others.
     """
 
     def __init__(
@@ -65,6 +87,8 @@ class ConsulAgent(ServerProcess):
         workdir: Path | None = None,
         placement: Placement | None = None,
         log_level: str | None = None,
+        acl: bool = False,
+        management_token: str | None = None,
     ) -> None:
         super().__init__(name=name, workdir=workdir, placement=placement)
         if not dev and bootstrap_expect is None and not retry_join:
@@ -84,6 +108,17 @@ class ConsulAgent(ServerProcess):
         self.retry_join = tuple(retry_join)
         self.ui = ui
         self.log_level = log_level
+        self.management_token: str | None = (management_token or str(uuid.uuid4())) if acl else None
+
+    @property
+    def acl(self) -> bool:
+        """True when ACLs are enforced (default deny)."""
+        return self.management_token is not None
+
+    @property
+    def client(self) -> bool:
+        """True for a client agent (neither `-dev` nor a server)."""
+        return not self.dev and self.bootstrap_expect is None
 
     @property
     def address(self) -> str:
@@ -105,14 +140,44 @@ class ConsulAgent(ServerProcess):
         """`127.0.0.1:SERVER_PORT`: the Raft/RPC address `/v1/status/leader` reports."""
         return f"{self.host}:{self.server_port}"
 
-    def api(self, path: str, *, method: str = "GET", payload: object = None) -> object:
+    def api(
+        self, path: str, *, method: str = "GET", payload: object = None, token: str | None = None
+    ) -> object:
         """Call `/v1/<path>` over plain HTTP (JSON in and out), e.g. to seed or inspect state.
+
+        `token` (default: the management token when `acl`) goes in ``X-Consul-Token``.
 
         Raises:
             OSError: unreachable, or a non-2xx answer.
         """
         url = f"{self.http_url}/v1/{path.lstrip('/')}"
-        return http_json(url, method=method, payload=payload, timeout=2.0)
+        secret = token if token is not None else self.management_token
+        headers = {"X-Consul-Token": secret} if secret else None
+        return http_json(url, method=method, payload=payload, timeout=2.0, headers=headers)
+
+    def create_token(self, rules: str, *, name: str | None = None) -> str:
+        """A new ACL token limited to `rules` (Consul's HCL policy language); its secret.
+
+        Creates a policy named `name` (default: a random one) with the management token, then
+        a token bound to it, e.g. ``create_token(acl_rules(register=["orders"]))`` with
+        `loom_ha.discovery.consul.acl_rules`.
+
+        Raises:
+            ValueError: this agent does not enforce ACLs.
+            OSError: Consul refused (an invalid rule is a 400 naming it).
+        """
+        if not self.acl:
+            raise ValueError(f"{self.name} does not enforce ACLs: start it with acl=True")
+        label = name or f"loomha-test-{uuid.uuid4().hex[:8]}"
+        policy = self.api("acl/policy", method="PUT", payload={"Name": label, "Rules": rules})
+        assert isinstance(policy, dict)
+        token = self.api(
+            "acl/token",
+            method="PUT",
+            payload={"Description": label, "Policies": [{"ID": policy["ID"]}]},
+        )
+        assert isinstance(token, dict)
+        return str(token["SecretID"])
 
     def leader(self) -> str | None:
         """Server address of the Raft leader this agent knows, or None during an election."""
@@ -136,6 +201,8 @@ class ConsulAgent(ServerProcess):
             argv.append("-ui")
         if self.log_level is not None:
             argv += ["-log-level", self.log_level]
+        if self.management_token is not None:
+            argv += ["-hcl", _acl_hcl(self.management_token, server=not self.client)]
         for peer in self.retry_join:
             argv += ["-retry-join", peer]
         if self.retry_join:
@@ -143,11 +210,28 @@ class ConsulAgent(ServerProcess):
         return argv
 
     def _probe(self) -> bool:
-        # A dev agent is ready once it elected itself; a cluster member or a client agent
-        # once its API answers (the cluster's own wait_ready() then waits for the election).
-        if self.dev:
-            return self.leader() is not None
+        # A dev agent is ready once it elected itself; a client agent once it reaches a
+        # server that knows a leader; a cluster member once its API answers (the cluster's
+        # own wait_ready() then waits for the election).
+        if self.dev or self.client:
+            if self.leader() is None:
+                return False
+            return self.acl_ready()
         self.api("agent/self")
+        return True
+
+    def acl_ready(self) -> bool:
+        """True without ACLs; with them, once this agent serves the ACL API.
+
+        Consul 1.4-1.10 servers start in "legacy mode" (``The ACL system is currently in
+        legacy mode``, HTTP 500) until they see every server support the new ACLs, a few
+        seconds after the election; the leader bootstraps the management token then.
+
+        Raises:
+            OSError: not yet.
+        """
+        if self.acl:
+            self.api("acl/policies")
         return True
 
 
@@ -158,7 +242,8 @@ class ConsulCluster(Launcher):
     `kill()`/`start()`, so a restarted server rejoins with its Raft state. Members live under
     `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes; `ui` serves
     the web UI on every member. `placements` (one per server) put servers on the hosts of a
-    `loom_ha.testing.netns.Network`.
+    `loom_ha.testing.netns.Network`. `acl` enforces ACLs on every member (one shared
+    `management_token`); `client_agent()` makes a client agent that joins them.
     """
 
     ready_timeout: float = 45.0
@@ -170,6 +255,7 @@ class ConsulCluster(Launcher):
         ui: bool = False,
         root: Path | None = None,
         placements: Sequence[Placement] = (),
+        acl: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one server")
@@ -180,6 +266,7 @@ class ConsulCluster(Launcher):
         self._root = (
             root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-consul-cluster-"))
         )
+        self.management_token = str(uuid.uuid4()) if acl else None
         lan_ports = free_ports(size, udp=True)
         lan = [f"{where[i].host}:{port}" for i, port in enumerate(lan_ports)]
         self.members: list[ConsulAgent] = [
@@ -193,14 +280,44 @@ class ConsulCluster(Launcher):
                 name=f"server{i}",
                 workdir=self._root / f"server{i}",
                 placement=where[i],
+                acl=acl,
+                management_token=self.management_token,
             )
             for i in range(size)
         ]
+        self._clients = 0
 
     @property
     def addresses(self) -> list[str]:
         """HTTP addresses (`127.0.0.1:PORT`) of every member."""
         return [member.address for member in self.members]
+
+    def client_agent(self, *, placement: Placement | None = None) -> ConsulAgent:
+        """A client agent (not started) that joins every server, with the cluster's ACLs.
+
+        Start it with `start()` (or `ServerLauncher.start`); it is ready once it reaches a
+        server that knows a leader. `stop()` of the cluster does not stop it: stop it first.
+        """
+        name = f"client{self._clients}"
+        self._clients += 1
+        return ConsulAgent(
+            dev=False,
+            node_name=name,
+            retry_join=[member.serf_lan_address for member in self.members],
+            name=name,
+            placement=placement,
+            acl=self.acl,
+            management_token=self.management_token,
+        )
+
+    @property
+    def acl(self) -> bool:
+        """True when every member enforces ACLs (default deny)."""
+        return self.management_token is not None
+
+    def create_token(self, rules: str, *, name: str | None = None) -> str:
+        """`ConsulAgent.create_token` through a live member."""
+        return self._live()[0].create_token(rules, name=name)
 
     def leader(self) -> str:
         """Server (RPC) address of the current leader, as a live member reports it.
@@ -274,4 +391,4 @@ class ConsulCluster(Launcher):
             peers = member.api("status/peers")
             if not isinstance(peers, list) or len(peers) != len(self.members):
                 return False
-        return True
+        return all(member.acl_ready() for member in live)

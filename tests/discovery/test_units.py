@@ -86,6 +86,10 @@ def test_open_registry_dispatches_on_scheme() -> None:
     assert isinstance(open_registry("consul://h:1"), ConsulRegistry)
     with pytest.raises(ConfigurationError, match="zookeeper"):
         open_registry("zookeeper://h:2181")
+    for mistyped in ("consol://s3cret@h:8500", "s3cret@h:8500"):  # the scheme, never the token
+        with pytest.raises(ConfigurationError) as caught:
+            open_registry(mistyped)
+        assert "s3cret" not in str(caught.value)
 
 
 def test_heartbeat_output_round_trips() -> None:

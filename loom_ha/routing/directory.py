@@ -91,16 +91,22 @@ class InstanceDirectory:
         self._entries.clear()
 
     async def _follow(self, service: str, entry: _Entry) -> None:
+        """Follow `service`'s watch. A refusal (an ACL denial) is logged once, as an error,
+        then retried quietly every few seconds: a policy granted later takes effect without a
+        restart, and requests meanwhile go to the broker group unrouted."""
         failures = 0
+        told = ""
         while True:
             watch = self.registry.watch(service)
             try:
                 async for snapshot in watch:
-                    failures = 0
+                    failures, told = 0, ""
                     self._update(service, entry, snapshot.instances, snapshot.stale)
-            except RegistryError as exc:  # not transient (an ACL denial): say so, try again
+            except RegistryError as exc:
                 failures += 1
-                log.error("watch of %s failed: %s", service, exc)
+                if str(exc) != told:
+                    told = str(exc)
+                    log.error("watch of %s failed (retried quietly): %s", service, exc)
             finally:
                 await watch.aclose()
             if self.registry.closed:

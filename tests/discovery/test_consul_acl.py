@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
+from loom_ha._tasks import TaskSupervisor
 from loom_ha.cli.status import run_status
 from loom_ha.discovery import ServiceRegistry, open_registry
 from loom_ha.discovery.consul import ConsulRegistry, acl_rules, parse_consul_address
 from loom_ha.errors import ConfigurationError, RegistryError, TransientError
+from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.testing.registry_conformance import eventually, next_snapshot
 from loom_ha.testing.servers import ConsulAgent
 
@@ -248,3 +250,25 @@ def test_acl_rules_cover_the_heartbeat_service() -> None:
     assert 'service "stock" { policy = "read" }' in rules
     assert 'node_prefix "" { policy = "read" }' in rules
     assert "heartbeat" not in acl_rules(read=["stock"])
+
+
+@pytest.mark.consul
+async def test_routing_directory_reports_a_denied_watch_once(
+    acl_agent: ConsulAgent, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routing's directory of a service the token may not read: one error naming the missing
+    permission, then quiet retries (a policy granted later still takes effect), no instances."""
+    token = await asyncio.to_thread(acl_agent.create_token, acl_rules(read=["other"]))
+    registry = open_registry(_url(acl_agent, token))
+    tasks = TaskSupervisor("test")
+    directory = InstanceDirectory(registry, tasks, first_answer=0.5)
+    try:
+        caplog.set_level(logging.ERROR, logger="loom_ha.routing")
+        assert await directory.instances(service) == ()
+        await asyncio.sleep(3.5)  # several retries: backoff 0.1 s doubling, capped at 5 s
+    finally:
+        await tasks.aclose()
+        await registry.close()
+    denials = [r for r in caplog.records if service in r.getMessage()]
+    assert len(denials) == 1, [r.getMessage() for r in denials]
+    assert "read" in denials[0].getMessage()

@@ -104,7 +104,7 @@ def map_nats_errors(
         raise ConnectionLostError(f"{what}: {_describe(exc)}") from exc
     except _CONFIGURATION as exc:
         raise ConfigurationError(
-            f"{what}: {_describe(exc)} (check servers, user/password/token and TLS options)"
+            f"{what}: {_describe(exc)} (check servers, credentials and TLS options)"
         ) from exc
     except nats.errors.Error as exc:
         if getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS:  # a 409 APIError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -117,9 +118,11 @@ class NatsConnection:
 
         Raises:
             ConnectionLostError: no server reachable in time.
-            ConfigurationError: credentials or TLS were rejected.
+            ConfigurationError: credentials (or their file) or the server's TLS certificate
+                were rejected: never retried.
         """
         o = self.options
+        o.check_credential_files()  # before nats-py reads them (see loom_ha.nats._credentials)
         self._closing = False
         self._set_state(TransportState.CONNECTING)
         client = Client()
@@ -138,6 +141,8 @@ class NatsConnection:
                         user=o.user,
                         password=o.password,
                         token=o.token,
+                        nkeys_seed=o.nkeys_seed,
+                        user_credentials=o.user_credentials,
                         tls=o.ssl_context(),
                         tls_hostname=o.tls_hostname,
                         connect_timeout=min(2.0, o.connect_timeout),  # type: ignore[arg-type]
@@ -301,13 +306,23 @@ class NatsConnection:
             return  # the end of stream and reset we caused by cutting a silent server off
         self.last_error = f"{type(exc).__name__}: {exc}"
         text = str(exc).lower()  # nats-py lower-cases the server's -ERR text, subject included
+        # nats-py retries a refused CONNECT or TLS handshake forever (max_reconnect_attempts
+        # =-1) and only tells this callback; raising here ends its connect loop: one clear
+        # error, no retry, since the same credentials or certificate will be refused again.
         if self._opening and _refused_credentials(exc, text):
-            # nats-py retries a refused CONNECT forever (max_reconnect_attempts=-1) and only
-            # tells this callback; raising here ends its connect loop: one clear error, no
-            # retry, since the same credentials will be refused again.
             raise ConfigurationError(
                 f"{self.backend}: the server refused the credentials ({exc}); "
-                "check user/password or token"
+                f"check {self.options.credentials_hint}"
+            )
+        if self._opening and isinstance(exc, ssl.SSLCertVerificationError):
+            # Nothing is left to close: asyncio closed the socket, nats-py started no task
+            # yet, and its close() would wait forever on the stream the failed handshake
+            # took over (StreamWriter.wait_closed): forget the client instead.
+            self._client = None
+            raise ConfigurationError(
+                f"{self.backend}: TLS certificate verification of the server failed "
+                f"({exc.verify_message or exc}); check tls_ca_file / tls (the CA to trust) "
+                "and tls_hostname"
             )
         probe = self._probe_prefix.lower()
         if probe and "permissions violation" in text and probe in text:

@@ -3,11 +3,13 @@ the stream events are kept in, and how consumers deliver.
 
 Their own module, so the connection and consumer code read them without importing a
 transport. Server URLs are parsed here once: credentials in a URL are taken out of it, so
-no URL loom-ha keeps, shows or logs carries a secret.
+no URL loom-ha keeps, shows or logs carries a secret. nkey seeds and JWTs are only ever
+named by their file's path.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +18,7 @@ from typing import Literal, TypedDict
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from loom_ha.errors import ConfigurationError
+from loom_ha.nats._credentials import check_creds_file, check_seed_file, looks_secret
 from loom_ha.policy import DeliveryPolicy
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
 DEFAULT_SERVERS: tuple[str, ...] = ("nats://127.0.0.1:4222",)
 _SCHEMES = ("nats", "tls")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CREDENTIAL_FILES = ("nkeys_seed", "user_credentials")
 
 
 class ConnectionOptions(TypedDict, total=False):
@@ -39,6 +43,8 @@ class ConnectionOptions(TypedDict, total=False):
     user: str
     password: str
     token: str
+    nkeys_seed: str | os.PathLike[str]
+    user_credentials: str | os.PathLike[str]
     tls: ssl.SSLContext
     tls_ca_file: str
     tls_hostname: str
@@ -56,8 +62,13 @@ URL_OPTIONS: dict[str, Callable[[str], object]] = {
     "max_outstanding_pings": int,
     "connect_timeout": float,
     "reconnect_wait": float,
+    "nkeys_seed": str,
+    "user_credentials": str,
+    "tls_ca_file": str,
+    "tls_hostname": str,
 }
-"""Connection options a transport URL may set (``nats://n1,n2?ping_interval=1``)."""
+"""Connection options a transport URL may set (``nats://n1,n2?ping_interval=1``,
+``tls://n1?user_credentials=/etc/nats/app.creds&tls_ca_file=/etc/nats/ca.pem``)."""
 
 
 def url_options(pairs: Iterable[tuple[str, str]]) -> ConnectionOptions:
@@ -93,6 +104,10 @@ class NatsOptions:
         servers: ``nats://`` or ``tls://`` URLs, without credentials (a URL's
             ``user:password@`` or ``token@`` is moved to `user`/`password` or `token`).
         user, password: user/password authentication; token: token authentication.
+        nkeys_seed: path of a file holding an nkey user's seed (``SU...``): nkey auth.
+        user_credentials: path of a ``.creds`` file (a user JWT and its seed, as ``nsc``
+            writes them): decentralized JWT auth. One auth method at most; both files
+            are read at every (re)connect, so a rotated file is picked up.
         tls: client `SSLContext`; tls_ca_file: a CA file to trust instead (builds one).
         tls_hostname: the name to verify the server certificate against.
         name: connection name shown by the server's monitoring.
@@ -111,6 +126,8 @@ class NatsOptions:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    nkeys_seed: str | None = None
+    user_credentials: str | None = None
     tls: ssl.SSLContext | None = None
     tls_ca_file: str | None = None
     tls_hostname: str | None = None
@@ -146,6 +163,9 @@ class NatsOptions:
                 found.add(credentials)
         if found:
             options.update(_merge_credentials(found, options))
+        for name in _CREDENTIAL_FILES:
+            if isinstance(options.get(name), os.PathLike):
+                options[name] = os.fspath(options[name])  # type: ignore[call-overload]
         made = cls(servers=tuple(public), **options)  # type: ignore[arg-type]
         made._check()
         return made
@@ -158,8 +178,27 @@ class NatsOptions:
     def _check(self) -> None:
         if (self.user is None) != (self.password is None):
             raise ConfigurationError("user and password: give both or neither")
-        if self.token is not None and self.user is not None:
-            raise ConfigurationError("token: use either user/password or a token, not both")
+        given = [
+            name
+            for name, value in (
+                ("user/password", self.user),
+                ("token", self.token),
+                ("nkeys_seed", self.nkeys_seed),
+                ("user_credentials", self.user_credentials),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ConfigurationError(
+                f"credentials: give one of user/password, token, nkeys_seed, user_credentials "
+                f"(got {' and '.join(given)})"
+            )
+        for name in _CREDENTIAL_FILES:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or looks_secret(value)):
+                raise ConfigurationError(f"{name}: give the path of a file, not its content")
+            if value == "":
+                raise ConfigurationError(f"{name}: an empty path")
         for name in ("connect_timeout", "reconnect_wait", "ping_interval"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
@@ -176,6 +215,33 @@ class NatsOptions:
             )
         if self.tls is not None and self.tls_ca_file is not None:
             raise ConfigurationError("tls and tls_ca_file: give one of them")
+
+    @property
+    def credentials_hint(self) -> str:
+        """What to check when a server refuses who we are: names files, never a secret."""
+        if self.nkeys_seed is not None:
+            return f"the nkey seed in nkeys_seed={self.nkeys_seed!r}"
+        if self.user_credentials is not None:
+            return f"the JWT and seed in user_credentials={self.user_credentials!r}"
+        if self.token is not None:
+            return "the token"
+        if self.user is not None:
+            return f"user {self.user!r} and its password"
+        return (
+            "the credentials: none were given (user/password, token, nkeys_seed, user_credentials)"
+        )
+
+    def check_credential_files(self) -> None:
+        """Read the nkey seed or ``.creds`` file and check its form, before nats-py reads
+        it (see `loom_ha.nats._credentials`).
+
+        Raises:
+            ConfigurationError: the file is missing, unreadable or malformed (named).
+        """
+        if self.nkeys_seed is not None:
+            check_seed_file(self.nkeys_seed)
+        if self.user_credentials is not None:
+            check_creds_file(self.user_credentials)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context (from `tls`, `tls_ca_file`, or None)."""

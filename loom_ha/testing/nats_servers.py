@@ -1,6 +1,10 @@
 """Real nats-server launchers: one server (optionally JetStream, auth, TLS) and a routed cluster.
 
-Stdlib only; readiness comes from the HTTP monitoring port, never from nats-py.
+Auth: user/password, token, an nkey user, or operator mode (JWTs, a ``.creds`` file for the
+client), the identities made in Python with ``nkeys`` (no ``nsc`` needed).
+
+Stdlib only (plus ``nkeys`` for those two modes); readiness comes from the HTTP monitoring
+port, never from nats-py.
 """
 
 from __future__ import annotations
@@ -10,9 +14,17 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 from urllib.parse import quote
 
+from ._nats_auth import (
+    AUTH_CONFIG,
+    CREDS_FILE,
+    SEED_FILE,
+    make_nkey_user,
+    make_operator_auth,
+    write_auth_config,
+)
 from ._net import free_ports, http_get, http_get_json
 from ._process import (
     Launcher,
@@ -37,6 +49,10 @@ class NatsServer(ServerProcess):
         monitoring_port: HTTP monitoring port; a free one by default.
         user: require this user (with `password`); token: require this token instead.
         password: the password of `user`.
+        auth: ``"nkey"`` admits one nkey user, whose seed is in `nkey_seed_file`; ``"jwt"``
+            runs in operator mode (operator, system account and account JWTs preloaded in
+            memory) and admits the user of `creds_file`. Identities are made on the first
+            start and kept by `restart()`.
         tls: serve TLS with a fresh self-signed CA (see `ca_file`, `ssl_context()`).
         server_name: `-n`; cluster_port, routes, cluster_name: join a routed cluster.
         name: log/dir name; workdir: fixed dir (else an owned temp dir).
@@ -52,6 +68,7 @@ class NatsServer(ServerProcess):
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        auth: Literal["nkey", "jwt"] | None = None,
         tls: bool = False,
         server_name: str | None = None,
         cluster_port: int | None = None,
@@ -66,6 +83,10 @@ class NatsServer(ServerProcess):
             raise ValueError("user and password go together")
         if token is not None and user is not None:
             raise ValueError("use either user/password or token")
+        if auth is not None and (user is not None or token is not None):
+            raise ValueError(f"auth={auth!r} replaces user/password and token: give one")
+        if auth not in (None, "nkey", "jwt"):
+            raise ValueError(f"auth must be 'nkey', 'jwt' or None, got {auth!r}")
         self.host = self.placement.host
         self.port, self.monitoring_port = free_ports(2)
         if port is not None:
@@ -76,6 +97,7 @@ class NatsServer(ServerProcess):
         self.user = user
         self.password = password
         self.token = token
+        self.auth = auth
         self.tls = tls
         self.server_name = server_name
         self.cluster_port = cluster_port
@@ -92,6 +114,16 @@ class NatsServer(ServerProcess):
         elif self.token is not None:
             creds = f"{quote(self.token, safe='')}@"
         return f"{scheme}://{creds}{self.host}:{self.port}"
+
+    @property
+    def nkey_seed_file(self) -> Path | None:
+        """The nkey seed file of the user an ``auth="nkey"`` server admits (else None)."""
+        return self.workdir / SEED_FILE if self.auth == "nkey" else None
+
+    @property
+    def creds_file(self) -> Path | None:
+        """The ``.creds`` file (user JWT and seed) of an ``auth="jwt"`` server (else None)."""
+        return self.workdir / CREDS_FILE if self.auth == "jwt" else None
 
     @property
     def monitoring_url(self) -> str:
@@ -129,9 +161,15 @@ class NatsServer(ServerProcess):
     def _prepare(self) -> None:
         if self.tls:
             make_test_certificates(self.workdir)
+        if self.auth == "nkey":
+            write_auth_config(self.workdir, make_nkey_user(self.workdir).server_config())
+        elif self.auth == "jwt":
+            write_auth_config(self.workdir, make_operator_auth(self.workdir).server_config())
 
     def _command(self) -> list[str]:
         argv = [str(find_server_binary("nats-server")), "-a", self.host, "-p", str(self.port)]
+        if self.auth is not None:  # the config file first: the flags below take precedence
+            argv += ["-c", str(self.workdir / AUTH_CONFIG)]
         argv += ["-m", str(self.monitoring_port)]
         if self.server_name is not None:
             argv += ["-n", self.server_name]

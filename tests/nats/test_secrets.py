@@ -1,5 +1,6 @@
 """No credential of a NATS transport shows anywhere a user may look or send a log: its
 statistics, its repr, the text of the errors it raises, and what loom-ha and nats-py log.
+Passwords and tokens; nkey seeds and JWTs, which loom-ha only ever names by their file.
 
 The credentials of a server URL (``nats://user:password@host``, ``nats://token@host``) are
 taken out of it once, when the options are built (`loom_ha.nats.options`); every later use
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,11 +22,14 @@ from loom_ha.config import create_transport
 from loom_ha.errors import ConfigurationError, ConnectionLostError, LoomHAError
 from loom_ha.event import CloudEvent
 from loom_ha.nats import JetStreamTransport, NatsCoreTransport, NatsOptions
+from loom_ha.testing._nats_auth import make_nkey_user, make_operator_auth
 from loom_ha.testing.collect import Collector
 from loom_ha.testing.nats_servers import NatsServer
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import free_port
-from loom_ha.transport import Transport, TransportState
+from loom_ha.transport import Transport
+
+from ._restart import restart_and_reconnect
 
 pytestmark = pytest.mark.nats
 
@@ -96,18 +101,7 @@ async def test_credentials_never_show(
             texts += _texts_of(transport)
     # A reconnect (with its log lines) to a server that requires the credentials.
     async with create_transport(f"{users.url}?mode=core") as transport:
-        seen: list[TransportState] = []
-        back = asyncio.Event()
-
-        def record(state: TransportState) -> None:
-            seen.append(state)
-            if state is TransportState.CONNECTED and TransportState.RECONNECTING in seen:
-                back.set()
-
-        transport.add_state_listener(record)  # type: ignore[attr-defined]
-        await asyncio.to_thread(users.restart)
-        async with asyncio.timeout(15):
-            await back.wait()
+        await restart_and_reconnect(transport, users)
         await _round_trip(transport, "secrets/after-restart")
         texts += _texts_of(transport)
 
@@ -164,3 +158,65 @@ def test_url_credentials_move_to_the_options() -> None:
     assert tokens.servers == ("tls://h:1",) and (tokens.user, tokens.token) == (None, "t/k")
     twice = NatsOptions.build(["nats://loom:pw@h:1"], user="loom", password="pw")
     assert (twice.user, twice.password) == ("loom", "pw")
+
+
+def _creds_secrets(creds: Path) -> list[str]:
+    """The user JWT and seed in a .creds file (the line after each BEGIN marker)."""
+    lines = creds.read_text().splitlines()
+    return [lines[n + 1] for n, line in enumerate(lines) if "-----BEGIN" in line]
+
+
+async def test_nkey_seeds_and_jwts_never_show(
+    server_launcher: ServerLauncher, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """nkey seed and .creds files on servers that require them: connect, deliver, reconnect
+    after a restart, fail with a stranger's identity, with a malformed file, and with a seed
+    or JWT given where a path belongs; no seed, JWT or JWT signature is in any statistics,
+    repr, exception text or log record."""
+    caplog.set_level(logging.DEBUG)  # everything loom-ha and nats-py log
+    nkey: NatsServer = await asyncio.to_thread(
+        server_launcher.start, NatsServer(auth="nkey", jetstream=False)
+    )
+    jwt: NatsServer = await asyncio.to_thread(
+        server_launcher.start, NatsServer(auth="jwt", jetstream=True)
+    )
+    seed_file, creds_file = nkey.nkey_seed_file, jwt.creds_file
+    assert seed_file is not None and creds_file is not None
+    stranger_seed = make_nkey_user(tmp_path).seed_file
+    stranger_creds = make_operator_auth(tmp_path).creds_file
+    seed, user_jwt = seed_file.read_text().strip(), _creds_secrets(creds_file)[0]
+    secrets = [seed, stranger_seed.read_text().strip(), *_creds_secrets(creds_file)]
+    secrets += _creds_secrets(stranger_creds)
+    secrets += [token.rpartition(".")[2] for token in secrets if token.count(".") == 2]
+    assert len(secrets) == 8 and all(len(s) > 40 for s in secrets)
+
+    texts: list[str] = []
+    working: list[Callable[[], Transport]] = [
+        lambda: create_transport(f"{nkey.url}?mode=core&nkeys_seed={seed_file}"),
+        lambda: NatsCoreTransport([nkey.url], nkeys_seed=seed_file),
+        lambda: JetStreamTransport([jwt.url], user_credentials=creds_file),
+    ]
+    for n, make in enumerate(working):
+        async with make() as transport:
+            await _round_trip(transport, f"secrets/nkey/{n}")
+            texts += _texts_of(transport)
+    async with create_transport(f"{jwt.url}?user_credentials={creds_file}") as transport:
+        await _round_trip(transport, "secrets/jwt")
+        await restart_and_reconnect(transport, jwt)
+        await _round_trip(transport, "secrets/jwt-after-restart")
+        texts += _texts_of(transport)
+
+    failing: list[Callable[[], Transport]] = [
+        lambda: NatsCoreTransport([nkey.url], nkeys_seed=stranger_seed),
+        lambda: create_transport(f"{jwt.url}?user_credentials={stranger_creds}"),
+        lambda: NatsCoreTransport([jwt.url], nkeys_seed=stranger_creds),  # not a seed file
+        lambda: NatsCoreTransport([nkey.url], nkeys_seed=seed),  # the seed, not its path
+        lambda: create_transport(f"{nkey.url}?nkeys_seed={seed}"),
+        lambda: NatsCoreTransport([jwt.url], user_credentials=user_jwt),
+    ]
+    for make in failing:
+        texts += await _raises(make, ConfigurationError)
+
+    texts += [caplog.text] + [record.getMessage() for record in caplog.records]
+    leaks = [(n, text) for text in texts for n, secret in enumerate(secrets) if secret in text]
+    assert not leaks, leaks[:3]

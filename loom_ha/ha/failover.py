@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from typing_extensions import override
@@ -37,6 +37,7 @@ from loom_ha.errors import (
 )
 from loom_ha.ha.dedup import DedupWindow, DedupWrappers
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
+from loom_ha.ha.subscriptions import Subscription, SubscriptionBook
 from loom_ha.retry import RECOVERY, RetryPolicy
 from loom_ha.topics import parse_pattern, validate_topic
 from loom_ha.tracing import end_span, start_publish, tracing_active
@@ -57,13 +58,6 @@ PUBLISH_CHUNK = 256
 pipelines 512), so a chunk the broker failed on is retried like one publish."""
 _LIVE_INNER = (TransportState.CONNECTED,)
 _DEAD_INNER = (TransportState.CLOSED, TransportState.DISCONNECTED, TransportState.NEW)
-
-
-@dataclass(frozen=True)
-class _Subscription:
-    topic: str
-    handler: Handler
-    group: str | None
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -114,7 +108,7 @@ class HATransport(Transport):
         self.capabilities = replace(self._inner.capabilities, dedup=self._dedup.enabled)
         self._health_interval = health_interval
         self._cell = StateCell("loom_ha.ha")
-        self._subs: list[_Subscription] = []
+        self._book = SubscriptionBook()
         self._tasks = TaskSupervisor("loom_ha.ha")
         self._recovery: asyncio.Task[None] | None = None
         self.reconnects = 0
@@ -212,8 +206,8 @@ class HATransport(Transport):
         inner = self._inner
         if inner.statistics().state in _DEAD_INNER:
             await inner.connect()
-        for sub in list(self._subs):
-            await inner.subscribe(sub.topic, self._wrapped(sub.handler, sub), group=sub.group)
+        self._book.inner_replaced()
+        await self._book.reconcile(inner, self._wrapped)
 
     @override
     async def disconnect(self) -> None:
@@ -236,7 +230,7 @@ class HATransport(Transport):
             await self._tasks.aclose()
         finally:
             self._recovery = None
-            self._subs.clear()
+            self._book.clear()
             await self._inner.disconnect()
             await self._dedup.close()
 
@@ -324,39 +318,42 @@ class HATransport(Transport):
         if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
             require_connected(self._state, "ha")
         parse_pattern(topic)
-        sub = _Subscription(topic, handler, group)
-        if sub in self._subs:
+        sub = Subscription(topic, handler, group)
+        if not self._book.want(sub):
             return
-        self._subs.append(sub)
         if self._state is TransportState.CONNECTED:
             try:
-                await self._inner.subscribe(topic, self._wrapped(handler, sub), group=group)
+                await self._book.attach(self._inner, sub, self._wrapped(sub))
             except Exception as exc:
                 if not _broker_failure(exc):
-                    self._subs.remove(sub)
+                    self._book.unwant(topic, handler)
                     raise
-                self._start_recovery(exc)
+                self._start_recovery(exc)  # made live by the recovery, before replays
 
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
-        """Forget the subscription (it is not restored after a reconnect)."""
-        self._subs = [s for s in self._subs if not (s.topic == topic and s.handler == handler)]
-        wrapper = self._dedup.wrapper_of(handler) or handler  # unknown pairs: ignored inside
+        """Forget the subscription (while reconnecting: removed once the broker is back)."""
         try:
-            if self._state is TransportState.CONNECTED:
-                try:
-                    await self._inner.unsubscribe(topic, wrapper)
-                except Exception as exc:
-                    if not _broker_failure(exc):
-                        raise
-                    self._start_recovery(exc)
+            for sub in self._book.unwant(topic, handler):
+                if self._state is TransportState.CONNECTED and self._book.is_live(sub):
+                    try:
+                        await self._book.detach(self._inner, sub)
+                    except Exception as exc:
+                        if not _broker_failure(exc):
+                            raise
+                        self._start_recovery(exc)
         finally:
-            if not any(s.handler == handler for s in self._subs):
-                await self._dedup.forget(handler)  # after the inner side: none is in flight
+            await self._release(handler)
 
-    def _wrapped(self, handler: Handler, sub: _Subscription) -> Handler:
-        """`handler` behind its dedup wrapper (the window depends on whether it competes)."""
-        return self._dedup.wrap(handler, sub.topic, self._inner.resolve_group(sub.topic, sub.group))
+    def _wrapped(self, sub: Subscription) -> Handler:
+        """`sub`'s handler behind its dedup wrapper (the window depends on whether it competes)."""
+        group = self._inner.resolve_group(sub.topic, sub.group)
+        return self._dedup.wrap(sub.handler, sub.topic, group)
+
+    async def _release(self, handler: Handler) -> None:
+        """Drop `handler`'s dedup wrapper once nothing wants it and no inner side holds it."""
+        if not self._book.holds(handler):
+            await self._dedup.forget(handler)
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -394,8 +391,12 @@ class HATransport(Transport):
         state = self._inner.statistics().state
         if state in _DEAD_INNER:
             await self._rebuild_inner()
-        elif state is not TransportState.CONNECTED:
-            await self._await_inner_recovery()
+        else:
+            if state is not TransportState.CONNECTED:
+                await self._await_inner_recovery()
+            # What was subscribed or unsubscribed meanwhile, before the replays.
+            for handler in await self._book.reconcile(self._inner, self._wrapped):
+                await self._release(handler)
         await self._outbox.drain(self._send_replay)
 
     async def _await_inner_recovery(self) -> None:
@@ -469,7 +470,7 @@ class HATransport(Transport):
             inner,
             backend=f"ha({inner.backend})",
             state=self._state,
-            subscriptions=len(self._subs),
+            subscriptions=len(self._book.wanted),
             reconnects=self.reconnects + inner.reconnects,
             duplicates_dropped=self._dedup.duplicates_dropped,
             outbox_depth=self._outbox.depth,

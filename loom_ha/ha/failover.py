@@ -15,8 +15,6 @@ It wraps any transport and adds what an application needs while brokers fail:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -36,6 +34,7 @@ from loom_ha.errors import (
     TransportClosedError,
 )
 from loom_ha.ha.dedup import DedupWindow, DedupWrappers
+from loom_ha.ha.endpoints import DEAD_INNER, Endpoints, TransportFactory, follow_reconnect
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.ha.subscriptions import Subscription, SubscriptionBook
 from loom_ha.retry import RECOVERY, RetryPolicy
@@ -50,14 +49,11 @@ from loom_ha.transport import (
 
 log = logging.getLogger("loom_ha.ha")
 
-TransportFactory = Callable[[], Transport]
-
 _CONNECTED, _RECONNECTING = TransportState.CONNECTED, TransportState.RECONNECTING
 PUBLISH_CHUNK = 256
 """Events per inner `publish_many` call: within one round trip of every backend (Redis
 pipelines 512), so a chunk the broker failed on is retried like one publish."""
 _LIVE_INNER = (TransportState.CONNECTED,)
-_DEAD_INNER = (TransportState.CLOSED, TransportState.DISCONNECTED, TransportState.NEW)
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -88,20 +84,10 @@ class HATransport(Transport):
         dedup: DedupWindow | bool | None = True,
         health_interval: float = 0.2,
     ) -> None:
-        if isinstance(target, Transport):
-            fixed = target
-            self._factories: list[TransportFactory] = [lambda: fixed]
-        elif callable(target):
-            self._factories = [target]
-        else:
-            self._factories = list(target)
-        if not self._factories:
-            raise ConfigurationError("HATransport needs at least one endpoint")
+        self._endpoints = Endpoints(target)
         if health_interval <= 0:
             raise ConfigurationError(f"health_interval must be > 0, got {health_interval}")
-        self._endpoint = itertools.cycle(range(len(self._factories)))
-        self._endpoint_index = next(self._endpoint)
-        self._inner: Transport = self._factories[self._endpoint_index]()
+        self._inner: Transport = self._endpoints.next_transport()
         self._retry = retry or RECOVERY
         self._outbox = Outbox(outbox or OutboxConfig())
         self._dedup = DedupWrappers(dedup)
@@ -204,7 +190,7 @@ class HATransport(Transport):
     async def _attach(self) -> None:
         """Connect the inner transport and restore every recorded subscription on it."""
         inner = self._inner
-        if inner.statistics().state in _DEAD_INNER:
+        if inner.statistics().state in DEAD_INNER:
             await inner.connect()
         self._book.inner_replaced()
         await self._book.reconcile(inner, self._wrapped)
@@ -389,39 +375,21 @@ class HATransport(Transport):
 
     async def _recover_steps(self) -> None:
         state = self._inner.statistics().state
-        if state in _DEAD_INNER:
+        if state in DEAD_INNER:
             await self._rebuild_inner()
         else:
             if state is not TransportState.CONNECTED:
-                await self._await_inner_recovery()
+                await follow_reconnect(self._inner, self._retry.wait_max)
             # What was subscribed or unsubscribed meanwhile, before the replays.
             for handler in await self._book.reconcile(self._inner, self._wrapped):
                 await self._release(handler)
         await self._outbox.drain(self._send_replay)
 
-    async def _await_inner_recovery(self) -> None:
-        """Follow an inner transport that is reconnecting by itself, closely (every 50 ms),
-        for up to `retry.wait_max`; the retry policy's backoff only paces longer outages."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(self._retry.wait_max, 0.05)
-        while True:
-            with contextlib.suppress(Exception):
-                # A round trip makes a lazily reconnecting client try now.
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    await self._inner.ping()
-            state = self._inner.statistics().state
-            if state is TransportState.CONNECTED:
-                return
-            if state in _DEAD_INNER or loop.time() >= deadline:
-                raise ConnectionLostError(f"inner transport is {state.value}")
-            await asyncio.sleep(0.05)
-
     async def _rebuild_inner(self) -> None:
         """Replace a dead inner transport with a fresh one on the next endpoint."""
         old = self._inner
         await old.disconnect()
-        self._endpoint_index = next(self._endpoint)
-        self._inner = self._factories[self._endpoint_index]()
+        self._inner = self._endpoints.next_transport()
         try:
             await self._attach()
         except BaseException:

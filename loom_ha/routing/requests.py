@@ -130,6 +130,7 @@ class RequestRouter:
             return
         if topic not in self._listening:
             await self._follow_replies(topic)
+            instances = self._listed_now(topic, service, instances)
         now = time.monotonic()
         budget = self.budget_seconds
         request = _Request(
@@ -170,6 +171,19 @@ class RequestRouter:
             )
         return cached[1]
 
+    def _listed_now(
+        self, topic: str, service: str, before: tuple[ServiceInstance, ...]
+    ) -> tuple[ServiceInstance, ...]:
+        """The instances serving `topic` as the directory lists them now (`before` if none).
+
+        Read again after a broker call (subscribing to replies; a send that failed, maybe
+        after an HA outbox held it): the departure of an instance that left meanwhile was
+        announced (`departed`) before this request was in flight to it, so a choice from
+        the older list could wait out a whole attempt timeout on it.
+        """
+        known = self.directory.cached(service)
+        return (self._serving(topic, known) if known else ()) or before
+
     def _choose(self, request: _Request, instances: Sequence[ServiceInstance]) -> ServiceInstance:
         """Prefer instances this request has not tried; never the one that just failed."""
         if not request.tried:
@@ -179,7 +193,7 @@ class RequestRouter:
             fresh = [i for i in instances if i.instance_id != request.tried[-1]]
         return self.balancer.choose(fresh or instances, request.event)
 
-    async def _send(self, request: _Request, instances: Sequence[ServiceInstance]) -> None:
+    async def _send(self, request: _Request, instances: tuple[ServiceInstance, ...]) -> None:
         """Send one attempt; on a broker failure, the next attempt while budget remains."""
         while True:
             instance = self._choose(request, instances)
@@ -217,6 +231,7 @@ class RequestRouter:
                     instance.instance_id,
                     exc,
                 )
+                instances = self._listed_now(request.topic, request.service, instances)
 
     def _may_retry(self, request: _Request, exc: BaseException | None) -> bool:
         if exc is not None and not isinstance(exc, TransientError | TimeoutError):
@@ -274,7 +289,7 @@ class RequestRouter:
         failed = request.instance
         self._finish_attempt(request, ok=False, why=reason)
         request_id = str(request.event.id)
-        instances: Sequence[ServiceInstance] = ()
+        instances: tuple[ServiceInstance, ...] = ()
         if self._may_retry(request, None):
             found = await self.directory.instances(request.service)
             instances = self._serving(request.topic, found)

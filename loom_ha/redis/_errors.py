@@ -6,6 +6,7 @@ The table maps every redis-py exception class to the most specific loom-ha error
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,6 +28,13 @@ def _auth(what: str, exc: BaseException) -> LoomHAError:
     return TransportError(
         f"{what}: Redis refused the credentials or the ACL user lacks a permission "
         f"(check username/password and the user's ACL rules): {exc}"
+    )
+
+
+def _untrusted(what: str, exc: BaseException) -> LoomHAError:
+    return TransportError(
+        f"{what}: TLS certificate verification failed: the server's certificate is not "
+        f"signed by a CA in ssl_ca_certs, or does not name the host (ssl_check_hostname): {exc}"
     )
 
 
@@ -134,6 +142,12 @@ def translate(exc: BaseException, what: str = "redis") -> LoomHAError | None:
         # Not a lost master: treating it as one would drop the connections of every
         # command in flight (a publish would be re-sent: a duplicate).
         return _failed(what, exc)
+    if isinstance(exc.__cause__, ssl.SSLCertVerificationError) or isinstance(
+        exc, ssl.SSLCertVerificationError
+    ):
+        # redis-py reports it as a ConnectionError (from the ssl error): retrying cannot
+        # help, the client trusts another CA than the server's.
+        return _untrusted(what, exc)
     if type(exc) is rex.ResponseError and str(exc).split(" ", 1)[0] in _TRANSIENT_REPLIES:
         # e.g. "UNBLOCKED ... instance state changed": a demoted master ended our WAIT.
         return _lost(what, exc)

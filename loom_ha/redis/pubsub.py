@@ -3,7 +3,8 @@
 One command pool and one listener connection per transport. Exact topics use
 SUBSCRIBE, wildcard patterns the narrowest PSUBSCRIBE glob, filtered exactly by
 the shared matcher. Every (P)SUBSCRIBE is confirmed by the server before
-`subscribe()` returns, and re-sent after any reconnect or master switch.
+`subscribe()` returns, and re-sent after any reconnect or master switch. One refused
+(an ACL without the channel) makes that `subscribe()` raise; the connection stays.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ from loom_ha.errors import (
     ConfigurationError,
     ConnectionLostError,
     LoomHAError,
+    TransportError,
     UnsupportedCapabilityError,
 )
 from loom_ha.redis._base import Encoded, RedisTransportBase
@@ -123,6 +126,11 @@ class RedisPubSubTransport(RedisTransportBase):
         self._subscribe_timeout = subscribe_timeout
         self._natives: dict[Native, SubscriptionKey] = {}
         self._confirmed: dict[Native, asyncio.Event] = {}
+        # What each command sent on the listener connection answers for, in sending order
+        # (None: PING, UNSUBSCRIBE): Redis replies in order, so an error reply names its
+        # (P)SUBSCRIBE, whose refusal `subscribe()` then raises.
+        self._awaiting: deque[Native | None] = deque()
+        self._refused: dict[Native, LoomHAError] = {}
         self._conn: AbstractConnection | None = None
         self._listening = False
         self._listening_started = asyncio.Event()  # set once the listener first listens
@@ -154,6 +162,7 @@ class RedisPubSubTransport(RedisTransportBase):
     async def _stop_mode(self) -> None:
         self._natives.clear()
         self._confirmed.clear()
+        self._refused.clear()
         self._listener = None  # cancelled with the other tasks by local.close()
 
     # -- Transport -------------------------------------------------------------------------------
@@ -194,6 +203,7 @@ class RedisPubSubTransport(RedisTransportBase):
         Raises:
             UnsupportedCapabilityError: `group` was given (Pub/Sub cannot compete).
             ConnectionLostError: no confirmation within `subscribe_timeout`.
+            TransportError: Redis refused it (NOPERM: the ACL user lacks the channel).
         """
         require_connected(self._state, self.backend)
         if group is not None:
@@ -221,9 +231,16 @@ class RedisPubSubTransport(RedisTransportBase):
                 async with self._sub_lock:
                     if self._listening:
                         verb = "PSUBSCRIBE" if native[0] else "SUBSCRIBE"
-                        await self._send_quietly(verb, native[1])
+                        await self._send_quietly(verb, native[1], answers=native)
             async with asyncio.timeout(self._subscribe_timeout):
                 await confirmed.wait()
+            refused = self._refused.get(native)
+            if refused is not None:
+                verb = "PSUBSCRIBE" if native[0] else "SUBSCRIBE"
+                raise TransportError(
+                    f"redis-pubsub: subscribe to {topic!r} ({verb} {unwire(native[1])!r}) "
+                    f"refused: {refused}"
+                ) from refused
         except BaseException as exc:
             await self.unsubscribe(topic, handler)
             if isinstance(exc, TimeoutError):
@@ -240,6 +257,7 @@ class RedisPubSubTransport(RedisTransportBase):
             native = native_subscription(key.pattern, self.channel_prefix)
             self._natives.pop(native, None)
             self._confirmed.pop(native, None)
+            self._refused.pop(native, None)
             async with self._sub_lock:
                 if self._listening:
                     verb = "PUNSUBSCRIBE" if native[0] else "UNSUBSCRIBE"
@@ -247,13 +265,17 @@ class RedisPubSubTransport(RedisTransportBase):
 
     # -- the listener ----------------------------------------------------------------------------
 
-    async def _send_quietly(self, *args: bytes | str) -> None:
-        """Send on the listener connection; a failure is the listener's to notice and repair."""
+    async def _send_quietly(self, *args: bytes | str, answers: Native | None = None) -> None:
+        """Send on the listener connection; a failure is the listener's to notice and repair.
+
+        `answers`: the (P)SUBSCRIBE this command is (None for any other command).
+        """
         conn = self._conn
         if conn is None:
             return
         try:
             async with self._send_lock:
+                self._awaiting.append(answers)  # before sending: the reply may come first
                 with map_redis_errors("redis-pubsub send"):
                     await conn.send_command(*args, check_health=False)
         except LoomHAError as exc:
@@ -285,13 +307,15 @@ class RedisPubSubTransport(RedisTransportBase):
     async def _serve(self, conn: AbstractConnection) -> None:
         async with self._sub_lock:  # no subscribe() may interleave with the restore
             self._conn = conn
-            channels = [n[1] for n in self._natives if not n[0]]
-            patterns = [n[1] for n in self._natives if n[0]]
+            self._awaiting.clear()
+            # One command per subscription (in one write), so a refusal names its own.
+            natives = list(self._natives)
+            self._awaiting.extend(natives)
+            commands = [("PSUBSCRIBE" if n[0] else "SUBSCRIBE", n[1]) for n in natives]
             with map_redis_errors("redis-pubsub restore"):
-                if channels:
-                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
-                if patterns:
-                    await conn.send_command("PSUBSCRIBE", *patterns, check_health=False)
+                if commands:
+                    packed = conn.pack_commands(commands)
+                    await conn.send_packed_command(packed, check_health=False)
             self._listening = True
             self._listening_started.set()
         await self._read(conn)
@@ -305,8 +329,15 @@ class RedisPubSubTransport(RedisTransportBase):
             while True:
                 # Unbounded read: the watchdog bounds it (a per-read timeout costs a timer
                 # per message and, on Python 3.11, can swallow a cancellation).
-                with map_redis_errors("redis-pubsub read"):
-                    reply = await conn.read_response(timeout=math.inf)
+                try:
+                    with map_redis_errors("redis-pubsub read"):
+                        reply = await conn.read_response(timeout=math.inf)
+                except ConnectionLostError:
+                    raise
+                except LoomHAError as exc:  # an error reply: the connection is fine
+                    self._last_reply = loop.time()
+                    self._refuse(exc)
+                    continue
                 checkpoint()
                 self._last_reply = loop.time()
                 self._dispatch(reply, natives, local, prefix_len)
@@ -356,6 +387,8 @@ class RedisPubSubTransport(RedisTransportBase):
             key = natives.get((True, reply[1]))
             channel, data = reply[2], reply[3]
         else:
+            if self._awaiting:
+                self._awaiting.popleft()
             if kind in (b"subscribe", b"psubscribe"):
                 waiter = self._confirmed.get((kind == b"psubscribe", reply[1]))
                 if waiter is not None:
@@ -367,6 +400,23 @@ class RedisPubSubTransport(RedisTransportBase):
         event = self.decode(data, topic, f"{self.backend}:{unwire(channel)}")
         if event is not None:
             local.dispatch(key, topic, event)
+
+    def _refuse(self, exc: LoomHAError) -> None:
+        """Redis refused the oldest unanswered command: fail its subscription (never retried)."""
+        native = self._awaiting.popleft() if self._awaiting else None
+        waiter = self._confirmed.get(native) if native is not None else None
+        if native is None or waiter is None:
+            log.warning("redis-pubsub: Redis refused a command on the listener: %s", exc)
+            return
+        if waiter.is_set():  # confirmed once, refused on a reconnect (the ACL changed)
+            log.error(
+                "redis-pubsub: %r is no longer delivered: Redis refused it: %s",
+                unwire(native[1]),
+                exc,
+            )
+        self._natives.pop(native, None)  # not restored after a reconnect either
+        self._refused[native] = exc
+        waiter.set()
 
     @override
     def _healthy(self) -> bool:

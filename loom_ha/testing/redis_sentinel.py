@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
+from urllib.parse import quote, urlencode
 
 from ._net import RespError, RespValue, free_port, free_ports, resp_command
 from ._process import (
@@ -22,7 +23,7 @@ from ._process import (
     wait_until,
 )
 from .netns import Placement
-from .redis_servers import RedisServer, quote_config, write_config_once
+from .redis_servers import RedisServer, acl_user, quote_config, write_config_once
 
 __all__ = ["RedisSentinel", "RedisSentinelCluster"]
 
@@ -31,7 +32,14 @@ _RETRY: tuple[type[Exception], ...] = (OSError, RespError, LookupError)
 
 
 class RedisSentinel(ServerProcess):
-    """One Sentinel process (`redis-server sentinel.conf --sentinel`) watching one master."""
+    """One Sentinel process (`redis-server sentinel.conf --sentinel`) watching one master.
+
+    `auth_user`/`auth_pass`: how it logs in to the master and replicas. `password`: what
+    clients and the other sentinels must give it (``requirepass``); with `username` too,
+    ``default`` is disabled, `username` is an ACL user, and sentinels log in to each other
+    as it (``sentinel sentinel-user``/``sentinel-pass``). `extra_config`: more sentinel.conf
+    lines (e.g. `acl_user()` lines for clients with fewer permissions).
+    """
 
     def __init__(
         self,
@@ -43,11 +51,21 @@ class RedisSentinel(ServerProcess):
         down_after: float = 1.0,
         failover_timeout: float = 3.0,
         auth_pass: str | None = None,
+        auth_user: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        extra_config: Sequence[str] = (),
         name: str = "sentinel",
         workdir: Path | None = None,
         placement: Placement | None = None,
     ) -> None:
         super().__init__(name=name, workdir=workdir, placement=placement)
+        if username is not None and password is None:
+            raise ValueError("a sentinel ACL username needs a password")
+        for what, secret in (("auth_pass", auth_pass), ("password", password)):
+            if secret is not None and any(c.isspace() for c in secret):
+                # Sentinel's CONFIG REWRITE writes them unquoted (Redis 7.0): no restart.
+                raise ValueError(f"sentinel {what} must not contain whitespace")
         self.host = self.placement.host
         self.port = port if port is not None else free_port()
         self.master_name = master_name
@@ -56,6 +74,10 @@ class RedisSentinel(ServerProcess):
         self.down_after = down_after
         self.failover_timeout = failover_timeout
         self.auth_pass = auth_pass
+        self.auth_user = auth_user
+        self.username = username
+        self.password = password
+        self.extra_config = tuple(extra_config)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -63,8 +85,11 @@ class RedisSentinel(ServerProcess):
         return (self.host, self.port)
 
     def command(self, *args: str, timeout: float = 2.0) -> RespValue:
-        """Run one command against this sentinel over a fresh connection."""
-        return resp_command(self.address, *args, timeout=timeout)
+        """Run one command against this sentinel (logged in if it needs it), on a new connection."""
+        auth: tuple[str, ...] = ()
+        if self.password is not None:
+            auth = (self.username, self.password) if self.username else (self.password,)
+        return resp_command(self.address, *args, auth=auth, timeout=timeout)
 
     def master_address(self) -> tuple[str, int]:
         """The master this sentinel currently believes in (`get-master-addr-by-name`)."""
@@ -97,6 +122,18 @@ class RedisSentinel(ServerProcess):
         ]
         if self.auth_pass is not None:
             lines.append(f"sentinel auth-pass {name} {quote_config(self.auth_pass)}")
+        if self.auth_user is not None:
+            lines.append(f"sentinel auth-user {name} {quote_config(self.auth_user)}")
+        if self.username is not None and self.password is not None:
+            lines += [
+                "user default off",
+                acl_user(self.username, self.password),
+                f"sentinel sentinel-user {quote_config(self.username)}",
+                f"sentinel sentinel-pass {quote_config(self.password)}",
+            ]
+        elif self.password is not None:
+            lines.append(f"requirepass {quote_config(self.password)}")
+        lines += self.extra_config
         write_config_once(self.workdir / "sentinel.conf", lines)
 
     def _command(self) -> list[str]:
@@ -112,6 +149,10 @@ class RedisSentinelCluster(Launcher):
 
     Failure detection is tuned for tests (`down_after`=1 s, `failover_timeout`=3 s). `servers[0]`
     is the initial master; after a failover use `master()` / `master_address()`.
+    `username`/`password` protect every server (see `RedisServer`: replication and the
+    sentinels log in with them); `sentinel_username`/`sentinel_password` protect every
+    sentinel (see `RedisSentinel`, which takes `sentinel_extra_config` too); `url` carries
+    all of them.
     `appendonly` and `extra_config` apply to every server (see `RedisServer`). Members live
     under `root` (kept by `stop()`), else under an owned temp dir that `stop()` removes.
     `placements` (one per process: servers, then sentinels) put members on the hosts of a
@@ -130,6 +171,10 @@ class RedisSentinelCluster(Launcher):
         down_after: float = 1.0,
         failover_timeout: float = 3.0,
         password: str | None = None,
+        username: str | None = None,
+        sentinel_password: str | None = None,
+        sentinel_username: str | None = None,
+        sentinel_extra_config: Sequence[str] = (),
         appendonly: bool = False,
         extra_config: Sequence[str] = (),
         root: Path | None = None,
@@ -141,6 +186,9 @@ class RedisSentinelCluster(Launcher):
         where = list(placements) or [Placement()] * count
         self.master_name = master_name
         self.password = password
+        self.username = username
+        self.sentinel_password = sentinel_password
+        self.sentinel_username = sentinel_username
         self._owns_root = root is None
         self._root = (
             root if root is not None else Path(tempfile.mkdtemp(prefix="loomha-redis-sentinel-"))
@@ -151,6 +199,7 @@ class RedisSentinelCluster(Launcher):
             RedisServer(
                 ports[i],
                 password=password,
+                username=username,
                 replicaof=None if i == 0 else master,
                 appendonly=appendonly,
                 extra_config=extra_config,
@@ -169,6 +218,10 @@ class RedisSentinelCluster(Launcher):
                 down_after=down_after,
                 failover_timeout=failover_timeout,
                 auth_pass=password,
+                auth_user=username,
+                username=sentinel_username,
+                password=sentinel_password,
+                extra_config=sentinel_extra_config,
                 name=f"sentinel-{i}",
                 workdir=self._root / f"sentinel-{i}",
                 placement=where[1 + replicas + i],
@@ -183,9 +236,21 @@ class RedisSentinelCluster(Launcher):
 
     @property
     def url(self) -> str:
-        """`redis+sentinel://host1:p1,host2:p2,.../<master_name>`."""
+        """`redis+sentinel://[user:password@]host1:p1,host2:p2,.../<master_name>[?sentinel_...]`."""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
-        return f"redis+sentinel://{hosts}/{self.master_name}"
+        creds = ""
+        if self.password is not None:
+            creds = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        options = {
+            name: value
+            for name, value in (
+                ("sentinel_username", self.sentinel_username),
+                ("sentinel_password", self.sentinel_password),
+            )
+            if value is not None
+        }
+        query = f"?{urlencode(options, quote_via=quote)}" if options else ""
+        return f"redis+sentinel://{creds}{hosts}/{self.master_name}{query}"
 
     @property
     def members(self) -> list[ServerProcess]:

@@ -14,13 +14,22 @@ from ._process import ServerProcess, find_server_binary
 from ._tls import make_test_certificates
 from .netns import Placement
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisServer", "acl_user"]
 
 
 def quote_config(value: str) -> str:
     """Quote a redis.conf argument so spaces and quotes in passwords survive."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def acl_user(name: str, password: str, rules: str = "~* &* +@all") -> str:
+    """A redis.conf (or sentinel.conf) line creating ACL user `name` with `password` and `rules`.
+
+    Pass it in `extra_config` for users besides the launcher's own `username`, e.g. an
+    application user with fewer permissions (docs/redis.md lists what loom-ha needs).
+    """
+    return f"user {name} on {quote_config('>' + password)} {rules}"
 
 
 def write_config_once(path: Path, lines: Sequence[str]) -> None:
@@ -35,11 +44,13 @@ class RedisServer(ServerProcess):
     Args:
         port: TCP (or TLS) port; a free one by default.
         password: `requirepass`, or the password of `username`.
-        username: create this ACL user with all permissions and disable `default`.
+        username: create this ACL user with all permissions and disable `default`; the
+            launcher, replication (``masteruser``) and sentinels use it.
         tls: serve TLS only, with a fresh self-signed CA (see `ca_file`, `ssl_context()`).
         appendonly: enable the AOF, so data survives `restart()` and `kill()`.
         replicaof: (host, port) of a master to replicate.
-        masterauth: password for `replicaof` (defaults to `password`).
+        masterauth: password for `replicaof` (defaults to `password`); set on every
+            server, since Sentinel may turn a master into a replica.
         extra_config: more redis.conf lines.
         name: log/dir name; workdir: fixed dir (else an owned temp dir).
         placement: bind this address inside this network namespace (default 127.0.0.1, ours).
@@ -133,13 +144,14 @@ class RedisServer(ServerProcess):
         if self.username is not None and self.password is not None:
             lines += [
                 "user default off",
-                f"user {self.username} on {quote_config('>' + self.password)} ~* &* +@all",
+                acl_user(self.username, self.password),
+                f"masteruser {quote_config(self.username)}",
             ]
         elif self.password is not None:
             lines.append(f"requirepass {quote_config(self.password)}")
         if self.replicaof is not None:
             lines.append(f"replicaof {self.replicaof[0]} {self.replicaof[1]}")
-        if self.masterauth is not None and self.username is None:
+        if self.masterauth is not None:
             lines.append(f"masterauth {quote_config(self.masterauth)}")
         lines += self.extra_config
         write_config_once(self.workdir / "redis.conf", lines)

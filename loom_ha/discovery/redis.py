@@ -38,6 +38,8 @@ def map_redis_errors(endpoint: str) -> Iterator[None]:
     """Translate redis-py errors into loom-ha's, keeping the cause."""
     try:
         yield
+    except redis.exceptions.AuthenticationError as exc:  # a ConnectionError, but never transient
+        raise RegistryError(f"redis at {endpoint} refused the credentials: {exc}") from exc
     except (
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
@@ -47,6 +49,13 @@ def map_redis_errors(endpoint: str) -> Iterator[None]:
         raise RegistryUnavailableError(f"redis at {endpoint} unavailable: {exc}") from exc
     except redis.exceptions.RedisError as exc:
         raise RegistryError(f"redis at {endpoint} refused: {exc}") from exc
+
+
+def _without_credentials(url: str) -> str:
+    """`url` as shown in errors and statistics: no userinfo, no query (it may hold secrets)."""
+    scheme, _, rest = url.partition("://")
+    address = rest.split("?", 1)[0].rpartition("@")[2]
+    return f"{scheme}://{address}"
 
 
 async def _uncancellable_guard(operation: Awaitable[T]) -> T:
@@ -103,7 +112,10 @@ class RedisRegistry(ServiceRegistry):
         """
         scheme = url.split("://", 1)[0] if "://" in url else ""
         if scheme not in _SCHEMES:
-            raise ConfigurationError(f"invalid Redis URL {url!r}: expected redis://host:port/db")
+            raise ConfigurationError(
+                f"invalid Redis registry URL scheme {scheme!r}: expected redis://host:port/db"
+            )
+        shown = _without_credentials(url)
         if poll_interval <= 0:
             raise ConfigurationError(f"poll_interval must be > 0, got {poll_interval}")
         if max_connections < 1:
@@ -115,7 +127,7 @@ class RedisRegistry(ServiceRegistry):
             watch_wait=watch_wait,
             probe_timeout=probe_timeout,
             concurrency=max_connections,
-            endpoint=url,
+            endpoint=shown,
         )
         try:
             pool = aioredis.BlockingConnectionPool.from_url(
@@ -127,7 +139,7 @@ class RedisRegistry(ServiceRegistry):
             )
             self._redis = aioredis.Redis.from_pool(pool)
         except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"invalid Redis URL {shown!r}: {exc}") from None
         self.prefix = prefix
         self.poll_interval = poll_interval
         # service -> (fingerprint of the last answer, index handed out for it)

@@ -51,13 +51,29 @@ async def run_bench(
     ha: bool = False,
     rounds: int = 5,
     duration: float = 120.0,
+    processes: int | None = None,
+    loop: str | None = None,
 ) -> int:
     """Measure and print; returns an exit code.
 
     Without `url`, Redis and NATS rows run against a server started here from the
-    shipped launchers (loopback, temporary directory), stopped afterwards.
+    shipped launchers (loopback, temporary directory), stopped afterwards. With
+    `processes`, the aggregate rows of `loom_ha.bench.aggregate` (on `loop`, else both).
     """
     from loom_ha.bench.memory import codec_rows, memory_rows
+
+    if processes is not None:
+        from loom_ha.bench.aggregate import run_aggregate
+
+        return await run_aggregate(
+            console,
+            transport=transport,
+            url=url,
+            processes=processes,
+            events=events,
+            rounds=rounds,
+            loop=loop,
+        )
 
     if transport == "balancing":
         from loom_ha.bench.balancing import balancing_rows

@@ -4,15 +4,26 @@ Session fixtures share one instance per server kind; `server_launcher` starts pr
 for tests that kill, pause or restart them. A missing server binary fails the test (never skips):
 install them with `scripts/install-servers`. The launchers are imported lazily, so loading
 this plugin costs nothing in test runs that use no server.
+
+Async tests (pytest-asyncio) run on asyncio's loop unless ``--loom-ha-loop=uvloop`` (or
+``auto``) or ``LOOM_HA_LOOP`` asks for uvloop: installing loom-ha must not change the loop of
+a test suite that did not ask (the CLI, an application, defaults to uvloop when installed).
+A ``pytest_asyncio_loop_factories`` hook of your own (in a conftest) takes precedence.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
+
+from loom_ha._loop import LOOP_CHOICES, LOOP_ENV, EventLoopChoice, choose_loop
+from loom_ha.errors import ConfigurationError
+
+from ._loop import loop_factory_for_tests
 
 if TYPE_CHECKING:
     from .netns import Network
@@ -36,6 +47,46 @@ __all__ = [
     "redis_server",
     "server_launcher",
 ]
+
+
+_EVENT_LOOP = pytest.StashKey[EventLoopChoice]()
+_LOOP_FACTORY = pytest.StashKey[Callable[[], asyncio.AbstractEventLoop]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("loom-ha").addoption(
+        "--loom-ha-loop",
+        choices=LOOP_CHOICES,
+        default=None,
+        help=f"event loop of async tests (default ${LOOP_ENV}, else asyncio)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        chosen = choose_loop(
+            config.getoption("loom_ha_loop"), flag_name="--loom-ha-loop", default="asyncio"
+        )
+    except ConfigurationError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_EVENT_LOOP] = chosen
+    config.stash[_LOOP_FACTORY] = loop_factory_for_tests(chosen)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if config.hook.pytest_asyncio_loop_factories.spec is None:  # no pytest-asyncio >= 1.4
+        return "loom-ha: async tests on pytest-asyncio's own loop (choosing needs >= 1.4)"
+    return f"loom-ha: event loop {config.stash[_EVENT_LOOP].description}"
+
+
+# pytest-asyncio's documented way to choose the loop (since 1.4, which deprecated overriding the
+# `event_loop_policy` fixture). Optional: without pytest-asyncio nobody calls it. Last: a
+# conftest's own implementation answers first (firstresult).
+@pytest.hookimpl(optionalhook=True, trylast=True)
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {config.stash[_EVENT_LOOP].name: config.stash[_LOOP_FACTORY]}
 
 
 class _Launcher(Protocol):

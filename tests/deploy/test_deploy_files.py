@@ -36,7 +36,7 @@ LOOM_IMAGE = "loom-ha:local"
 OTHER_READERS: dict[str, Path | str] = {
     "LOOM_NODE_ID": COMPOSE / "app" / "loom_app.py",
     "LOOM_HA_REGISTRY": "loom_ha.routing.config",
-    "CONSUL_HTTP_ADDR": "loom_ha.discovery.consul",
+    "CONSUL_HTTP_ADDR": "loom_ha.discovery._consul_http",
     "CONSUL_HTTP_TOKEN": "loom_ha.discovery.consul",
 }
 

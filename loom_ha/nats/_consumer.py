@@ -29,7 +29,7 @@ from loom_ha._handlers import DeliveryCounters, HandlerTable, SubscriptionKey, i
 from loom_ha._state import StateListener
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import LoomHAError, SerializationError, TransportError
-from loom_ha.event import EventCodec, idempotency_key
+from loom_ha.event import EventCodec
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.connection import NatsConnection
 from loom_ha.nats.options import ConsumerOptions, StreamOptions
@@ -88,12 +88,14 @@ class PullConsumer:
         self.last_sequence: int | None = None  # last stream sequence seen: resume point
         self.pulls = 0
         self.recreated = 0
-        self.skipped_duplicates = 0
         self._queue: asyncio.Queue[Any] = asyncio.Queue()  # for the pull-keeping task
         self._outstanding = 0  # messages the open pull requests may still deliver
         self._refill_asked = False
         self._last_seen = 0.0  # loop time of the last message (data or status)
-        self._done: OrderedDict[str, set[int]] = OrderedDict()
+        # Handlers that already succeeded on a message whose other handlers failed, by stream
+        # sequence: its redelivery runs only the failed ones. Not a dedup window (that is
+        # HATransport's): it is touched only after a failure, never on the hot path.
+        self._progress: OrderedDict[int, frozenset[int]] = OrderedDict()
         self._inbox = ""
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -281,7 +283,7 @@ class PullConsumer:
             meta = msg.metadata
         except Exception:  # not a JetStream delivery (no ack reply): nothing to do
             return
-        self.last_sequence = meta.sequence.stream
+        sequence = self.last_sequence = meta.sequence.stream
         deliveries = meta.num_delivered
         if deliveries > 1:
             counters.redelivered += 1
@@ -303,23 +305,15 @@ class PullConsumer:
             # A group member without handlers (unsubscribing): let another member take it.
             await _settle(msg.nak() if key.group is not None else msg.ack())
             return
-        ident = idempotency_key(event)
-        done = self._done.get(ident)
-        if done is None:
-            done = self._remember(ident)
-        if key.group is not None:
-            todo = [] if done else recipients
-        else:
-            todo = [h for h in recipients if id(h) not in done]
-        if not todo:
-            self.skipped_duplicates += 1  # handled before; its ack was lost
-            await _settle(msg.ack())
-            return
-        failures = []
-        for handler in todo:
+        done = self._progress.pop(sequence, None) if deliveries > 1 else None
+        if done:
+            recipients = [h for h in recipients if id(h) not in done]
+        failures: list[str] = []
+        succeeded: list[int] = []
+        for handler in recipients:
             error = await invoke(handler, topic, event, counters)
             if error is None:
-                done.add(id(handler))
+                succeeded.append(id(handler))
             else:
                 failures.append(f"{type(error).__name__}: {error}")
         if not failures:
@@ -327,14 +321,16 @@ class PullConsumer:
         elif owner.consumer_options.policy.exhausted(deliveries):
             await self._dead_letter(msg, "; ".join(failures), topic, deliveries)
         else:
+            if succeeded or done:
+                self._remember(sequence, (done or frozenset()).union(succeeded))
             await _settle(msg.nak(delay=owner.consumer_options.policy.backoff(deliveries)))
 
-    def _remember(self, ident: str) -> set[int]:
-        done: set[int] = set()
-        self._done[ident] = done
-        if len(self._done) > self.owner.consumer_options.dedup_window:
-            self._done.popitem(last=False)
-        return done
+    def _remember(self, sequence: int, done: frozenset[int]) -> None:
+        """Record partial progress; bounded by what the server lets be unacked at once."""
+        progress = self._progress
+        progress[sequence] = done
+        if len(progress) > self.owner.consumer_options.max_ack_pending:
+            progress.popitem(last=False)
 
     async def _dead_letter(self, msg: Msg, reason: str, topic: str, attempts: int) -> None:
         """Publish a dead letter, then ack; if that fails, nak so it is tried again later."""

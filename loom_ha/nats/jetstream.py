@@ -407,7 +407,6 @@ class JetStreamTransport(NatsTransportBase):
             "consumers": [c.name for c in consumers],
             "pulls": sum(c.pulls for c in consumers),
             "consumers_recreated": sum(c.recreated for c in consumers),
-            "duplicates_dropped": sum(c.skipped_duplicates for c in consumers),
             "duplicate_publishes": self.duplicates,
             "publish_in_progress": self.in_progress,
         }

@@ -371,8 +371,6 @@ class ConsumerOptions:
         start: ``new`` (default: no history replay) or ``all`` (replay the stream).
         fanout_inactive_threshold: a fan-out consumer left behind by a dead process is
             removed by the server after this many idle seconds.
-        dedup_window: event ids remembered per consumer, so a redelivery whose ack was
-            lost never reaches a handler twice.
         subscribe_timeout: bound of `subscribe()` (consumer creation), seconds.
     """
 
@@ -384,12 +382,11 @@ class ConsumerOptions:
     max_ack_pending: int = 2048
     start: Literal["new", "all"] = "new"
     fanout_inactive_threshold: float = 300.0
-    dedup_window: int = 65_536
     subscribe_timeout: float = 15.0
 
     def __post_init__(self) -> None:
-        if self.batch < 1 or self.max_ack_pending < 1 or self.dedup_window < 1:
-            raise ConfigurationError("batch, max_ack_pending and dedup_window must be >= 1")
+        if self.batch < 1 or self.max_ack_pending < 1:
+            raise ConfigurationError("batch and max_ack_pending must be >= 1")
         if self.heartbeat <= 0 or self.pull_expires < 2 * self.heartbeat:
             raise ConfigurationError("need heartbeat > 0 and pull_expires >= 2 * heartbeat")
         if self.ack_wait <= 0 or self.subscribe_timeout <= 0:

@@ -145,6 +145,50 @@ class DurabilityConformance:
             redelivered=stats.redelivered,
         )
 
+    async def test_redelivery_reaches_only_the_handler_that_failed(
+        self, backend: Backend, prefix: str
+    ) -> None:
+        """Two handlers on one fan-out subscription, one fails once: the event comes again to
+        that one only; the handler that succeeded sees it once (progress is kept per
+        handler, so at-least-once does not mean "everyone again")."""
+        if not backend.capabilities.at_least_once:
+            pytest.skip(f"{backend.name} lacks at_least_once")
+        topic = prefix + "partial"
+        first, trailing = make_event(0), make_event(1)
+        steady, flaky_done = Collector("steady"), Collector("flaky")
+        attempts: list[str] = []
+
+        async def flaky(event: Any) -> None:
+            if event.id == first.id:
+                attempts.append(event.id)
+                if len(attempts) == 1:
+                    raise RuntimeError("first attempt fails (expected by the test)")
+            await flaky_done(event)
+
+        limited = backend.limited
+        async with AsyncExitStack() as stack:
+            sub = limited(PATIENT) if limited is not None else backend.factory()
+            await stack.enter_async_context(sub)
+            pub = await _publisher(stack, backend, sub)
+            await sub.subscribe(topic, steady)
+            await sub.subscribe(topic, flaky)
+            await pub.publish(topic, first)
+            await flaky_done.wait_until(
+                lambda: first.id in flaky_done.ids,
+                within=WITHIN,
+                what=lambda: str(sub.statistics()),
+            )
+            # Anything the redelivery did to `steady` happened before it reached `flaky`; the
+            # trailing event, behind it in order, closes the window for a late copy.
+            await pub.publish(topic, trailing)
+            await steady.wait_until(
+                lambda: trailing.id in steady.ids, within=WITHIN, what=lambda: str(sub.statistics())
+            )
+            stats = sub.statistics()
+        assert attempts == [first.id, first.id], attempts
+        assert steady.ids == [first.id, trailing.id], steady.ids
+        assert stats.redelivered >= 1 and stats.dead_lettered == 0, stats
+
     async def test_event_failing_every_attempt_is_dead_lettered(
         self, backend: Backend, prefix: str
     ) -> None:

@@ -1,7 +1,7 @@
 """StateCell: a transport's current state, its listeners, and a way to wait for CONNECTED.
 
-Shared by every component that reports a `TransportState` (HATransport, the NATS
-connection) so state changes are announced the same way everywhere.
+Every transport keeps its state in one (memory, Redis, NATS, HATransport), so state changes
+are announced the same way everywhere and no layer has to poll for them.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from loom_ha.transport import TransportState
+from loom_ha.transport import StateListener, TransportState
+
+__all__ = ["StateCell", "StateListener"]
 
 log = logging.getLogger("loom_ha.state")
-
-StateListener = Callable[[TransportState], None]
-"""Told every new state (called in the event loop; must not block)."""
 
 
 class StateCell:

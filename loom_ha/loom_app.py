@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from typing import Any
 from uuid import uuid4
 
 from loom.api.main import LoomApp
 from loom.protocol.cloudevents import CloudEvent
 
+from loom_ha._tasks import finish_all
 from loom_ha.errors import NodeError
 from loom_ha.tracing import operation
 
@@ -143,10 +145,11 @@ class _ReplyRoute:
             if self._users:  # a call opened while we waited: the subscription stays
                 return
             # Both topics, even unrecorded ones: an open() cancelled mid-subscribe may have
-            # left one half-made, and unsubscribing an unknown pair is a no-op.
-            for topic in reversed(self.topics):
-                await bus.unsubscribe(topic, self._handler)
-                self._subscribed.discard(topic)
+            # left one half-made, and unsubscribing an unknown pair is a no-op. Each runs to
+            # its end, also when this call is the clean-up of a cancelled run().
+            steps = [partial(bus.unsubscribe, t, self._handler) for t in reversed(self.topics)]
+            await finish_all(*steps, owner="loom_ha.loom")
+            self._subscribed.clear()
 
     async def handle(self, event: Any) -> None:
         """Settle the call `event` answers; replies to other calls are ignored."""

@@ -8,17 +8,20 @@ between the apps of a process instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
 from loom_ha._handlers import Handler
+from loom_ha._state import StateCell
 from loom_ha.errors import TransportClosedError
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Capabilities,
     GroupRule,
+    StateListener,
     Transport,
     TransportState,
     TransportStatistics,
@@ -48,8 +51,16 @@ class InMemoryTransport(Transport):
                 default puts each ``node.request/<node>`` topic in its own group.
                 ``None`` makes every group-less subscription fan-out.
         """
-        self._state = TransportState.NEW
+        self._cell = StateCell("loom_ha.memory")
         self._local = LocalDelivery("loom_ha.memory", group_rule)
+
+    @property
+    def _state(self) -> TransportState:
+        return self._cell.state
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        return self._cell.add_listener(listener)
 
     @override
     async def connect(self) -> None:
@@ -58,7 +69,7 @@ class InMemoryTransport(Transport):
         if self._state is TransportState.CLOSED:
             raise TransportClosedError("memory transport is closed")
         self._local.reopen()
-        self._state = TransportState.CONNECTED
+        self._cell.set(TransportState.CONNECTED)
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
@@ -68,16 +79,16 @@ class InMemoryTransport(Transport):
     async def disconnect(self) -> None:
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
-        self._state = TransportState.DISCONNECTED
+        self._cell.set(TransportState.DISCONNECTED)
         await self._local.close()
 
     @override
     def _mark_closed(self) -> None:
-        self._state = TransportState.CLOSED
+        self._cell.set(TransportState.CLOSED)
 
     @override
     async def publish(self, topic: str, event: Any) -> None:
-        require_connected(self._state, "memory")
+        require_connected(self._cell.state, "memory")
         validate_topic(topic)
         local = self._local
         local.counters.published += 1

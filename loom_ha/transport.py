@@ -74,6 +74,10 @@ class TransportState(enum.Enum):
     CLOSED = "closed"  # closed for good; never reconnects
 
 
+StateListener: TypeAlias = Callable[[TransportState], None]
+"""Told every new state of a transport (called in the event loop; must not block)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TransportStatistics:
     """A snapshot of a transport's counters and state (anyio-style `statistics()`)."""
@@ -178,6 +182,15 @@ class Transport(ABC):
         if state is not TransportState.CONNECTED:
             raise ConnectionLostError(f"{self.statistics().backend} transport is {state.value}")
 
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None] | None:
+        """Call `listener(new_state)` on every state change; returns a function that removes it.
+
+        Every loom-ha backend announces its changes (a `loom_ha.backend.StateCell`), so the
+        layers above react at once instead of polling `statistics()`. This default returns
+        None: "this transport does not announce", and `HATransport` then polls its state.
+        """
+        return None
+
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
         """The group a subscription to `pattern` joins: `group`, else the backend's group rule
         (Loom's ``node.request/<node>``); None means fan-out (every subscriber gets each event).
@@ -208,6 +221,13 @@ class Transport(ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.disconnect()
+
+
+def require_usable(state: TransportState, backend: str) -> None:
+    """`require_connected`, but RECONNECTING passes too: for calls that wait for the broker
+    or are buffered while the client library reconnects."""
+    if state is not TransportState.RECONNECTING:
+        require_connected(state, backend)
 
 
 def require_connected(state: TransportState, backend: str) -> None:

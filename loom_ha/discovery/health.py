@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from typing_extensions import override
@@ -20,7 +21,7 @@ from loom_ha.discovery.instance import Health
 from loom_ha.discovery.probe import HealthCheck, evaluate
 from loom_ha.discovery.registration import Registration
 from loom_ha.errors import ConfigurationError, RegistryError
-from loom_ha.transport import Transport, TransportStatistics
+from loom_ha.transport import StateListener, Transport, TransportStatistics
 
 __all__ = ["HealthCheck", "HealthGate"]
 
@@ -153,6 +154,10 @@ class HealthGate(Transport):
         async with self._lock:
             if self._subscriptions.pop((topic, handler), _MISSING) is not _MISSING and self.healthy:
                 await self.inner.unsubscribe(topic, handler)
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None] | None:
+        return self.inner.add_state_listener(listener)  # its state is the inner one's
 
     @override
     def statistics(self) -> TransportStatistics:

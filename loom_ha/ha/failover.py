@@ -26,7 +26,6 @@ from loom_ha._handlers import Handler
 from loom_ha._state import StateCell, StateListener
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import (
-    ConfigurationError,
     ConnectionLostError,
     FailoverExhaustedError,
     NotConnectedError,
@@ -34,7 +33,13 @@ from loom_ha.errors import (
     TransportClosedError,
 )
 from loom_ha.ha.dedup import DedupWindow, DedupWrappers
-from loom_ha.ha.endpoints import DEAD_INNER, Endpoints, TransportFactory, follow_reconnect
+from loom_ha.ha.endpoints import (
+    DEAD_INNER,
+    Endpoints,
+    InnerWatch,
+    TransportFactory,
+    follow_reconnect,
+)
 from loom_ha.ha.outbox import Outbox, OutboxConfig, OutboxPolicy
 from loom_ha.ha.subscriptions import Subscription, SubscriptionBook
 from loom_ha.retry import RECOVERY, RetryPolicy
@@ -72,7 +77,8 @@ class HATransport(Transport):
         dedup: the dedup window; ``None`` turns deduplication off. The default is an
             in-process window; pass `loom_ha.redis.RedisDedup` (or `loom_ha.nats.NatsDedup`)
             to share it across instances.
-        health_interval: seconds between checks of the inner transport's state.
+        health_interval: seconds between checks of the state of an inner transport that
+            does not announce its changes (every loom-ha backend does: they are not polled).
     """
 
     def __init__(
@@ -85,18 +91,16 @@ class HATransport(Transport):
         health_interval: float = 0.2,
     ) -> None:
         self._endpoints = Endpoints(target)
-        if health_interval <= 0:
-            raise ConfigurationError(f"health_interval must be > 0, got {health_interval}")
         self._inner: Transport = self._endpoints.next_transport()
         self._retry = retry or RECOVERY
         self._outbox = Outbox(outbox or OutboxConfig())
         self._dedup = DedupWrappers(dedup)
         self.capabilities = replace(self._inner.capabilities, dedup=self._dedup.enabled)
-        self._health_interval = health_interval
         self._cell = StateCell("loom_ha.ha")
         self._book = SubscriptionBook()
         self._tasks = TaskSupervisor("loom_ha.ha")
         self._recovery: asyncio.Task[None] | None = None
+        self._watch = InnerWatch(self._inner_changed, self._tasks, health_interval)
         self.reconnects = 0
         self.published = 0
 
@@ -107,9 +111,7 @@ class HATransport(Transport):
         """The current state (see `TransportState`)."""
         return self._cell.state
 
-    @property
-    def _state(self) -> TransportState:
-        return self._cell.state
+    _state = state
 
     @property
     def inner(self) -> Transport:
@@ -119,9 +121,6 @@ class HATransport(Transport):
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Call `listener(new_state)` on every change; returns a function that removes it."""
         return self._cell.add_listener(listener)
-
-    def _set_state(self, state: TransportState) -> None:
-        self._cell.set(state)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the state is CONNECTED (after a reconnect, say)."""
@@ -141,7 +140,7 @@ class HATransport(Transport):
             await self._wait_first_connect()
             return
         self._tasks.reopen()
-        self._set_state(TransportState.CONNECTING)
+        self._cell.set(TransportState.CONNECTING)
         # The attempt is a supervised task, so disconnect()/close() from another task
         # cancel it and wait until the inner transport cleaned up: nothing it was opening
         # outlives them (Loom starts a connect in a task nobody awaits).
@@ -152,18 +151,18 @@ class HATransport(Transport):
             await attempt
         except asyncio.CancelledError:
             if self._connecting():
-                self._set_state(TransportState.DISCONNECTED)  # our caller was cancelled
+                self._cell.set(TransportState.DISCONNECTED)  # our caller was cancelled
             if _cancelling():
                 raise
             raise self._stopped_while_connecting() from None
         except BaseException:
             if self._connecting():
-                self._set_state(TransportState.DISCONNECTED)
+                self._cell.set(TransportState.DISCONNECTED)
             raise
         if not self._connecting():
             raise self._stopped_while_connecting()
-        self._set_state(TransportState.CONNECTED)
-        self._tasks.spawn(self._watch_inner(), name="health")
+        self._cell.set(TransportState.CONNECTED)
+        self._watch.follow(self._inner)
 
     async def _wait_first_connect(self) -> None:
         """A second connect() while the first is under way: share its outcome."""
@@ -200,14 +199,14 @@ class HATransport(Transport):
         """Stop recovery and the inner transport; waiting publishers get an error."""
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
-        self._set_state(TransportState.DISCONNECTED)
+        self._cell.set(TransportState.DISCONNECTED)
         await self._shutdown()
 
     @override
     async def close(self) -> None:
         """Disconnect for good: later calls raise `TransportClosedError`."""
         if self._state is not TransportState.CLOSED:
-            self._set_state(TransportState.CLOSED)
+            self._cell.set(TransportState.CLOSED)
             await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -217,6 +216,7 @@ class HATransport(Transport):
         finally:
             self._recovery = None
             self._book.clear()
+            self._watch.stop()
             await self._inner.disconnect()
             await self._dedup.close()
 
@@ -351,7 +351,7 @@ class HATransport(Transport):
             return
         log.warning("broker connection lost (%s); recovering", cause)
         self.reconnects += 1
-        self._set_state(TransportState.RECONNECTING)
+        self._cell.set(TransportState.RECONNECTING)
         self._recovery = self._tasks.spawn(self._recover(), name="recovery")
 
     async def _recover(self) -> None:
@@ -361,9 +361,9 @@ class HATransport(Transport):
             # Only a finite RetryPolicy gets here: we were told to give up.
             log.error("giving up on the broker: %s", exc)
             self._outbox.fail_all(ConnectionLostError(f"gave up reconnecting: {exc}"))
-            self._set_state(TransportState.DISCONNECTED)
+            self._cell.set(TransportState.DISCONNECTED)
             return
-        self._set_state(TransportState.CONNECTED)
+        self._cell.set(TransportState.CONNECTED)
 
     async def _recover_once(self) -> None:
         """One attempt: get a live inner transport, restore subscriptions, replay the outbox."""
@@ -388,6 +388,7 @@ class HATransport(Transport):
     async def _rebuild_inner(self) -> None:
         """Replace a dead inner transport with a fresh one on the next endpoint."""
         old = self._inner
+        self._watch.stop()
         await old.disconnect()
         self._inner = self._endpoints.next_transport()
         try:
@@ -395,6 +396,7 @@ class HATransport(Transport):
         except BaseException:
             await self._inner.disconnect()
             raise
+        self._watch.follow(self._inner)
 
     async def _send_replay(self, topic: str, event: Any) -> None:
         try:
@@ -403,14 +405,10 @@ class HATransport(Transport):
             raise ConnectionLostError(str(exc)) from exc  # the broker, not this event
         self.published += 1
 
-    async def _watch_inner(self) -> None:
-        """Notice an inner transport that stopped being connected, and recover."""
-        while True:
-            await asyncio.sleep(self._health_interval)
-            if self._state is TransportState.CONNECTED:
-                state = self._inner.statistics().state
-                if state is not TransportState.CONNECTED:
-                    self._start_recovery(ConnectionLostError(f"inner transport is {state.value}"))
+    def _inner_changed(self, state: TransportState) -> None:
+        """Recover as soon as the inner transport is no longer connected."""
+        if state is not TransportState.CONNECTED and self._state is TransportState.CONNECTED:
+            self._start_recovery(ConnectionLostError(f"inner transport is {state.value}"))
 
     def _log_retry(self, attempt: int, error: BaseException, delay: float) -> None:
         log.warning("attempt %d failed (%s); next try in %.2fs", attempt, error, delay)

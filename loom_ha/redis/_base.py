@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
+from loom_ha._state import StateCell
 from loom_ha.deadletter import DEAD_LETTER_CODEC, DeadLetter
 from loom_ha.errors import (
     ConfigurationError,
@@ -27,11 +28,12 @@ from loom_ha.retry import ONCE, within
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     GroupRule,
+    StateListener,
     Transport,
     TransportState,
     TransportStatistics,
     loom_request_groups,
-    require_connected,
+    require_usable,
 )
 
 log = logging.getLogger("loom_ha.redis")
@@ -100,10 +102,34 @@ class RedisTransportBase(Transport):
         self.dead_letter_stream = dead_letter_stream
         self._connect_timeout = connect_timeout
         self.publish_policy = within(publish_timeout)
-        self._state = TransportState.NEW
+        self._cell = StateCell(f"loom_ha.{self.backend}")
         self._state_lock = asyncio.Lock()
         self.local = LocalDelivery(f"loom_ha.{self.backend}", group_rule)
         self._connector: RedisConnector | None = None
+        self._unwatch: Callable[[], None] | None = None  # removes our connector health listener
+
+    @property
+    def _state(self) -> TransportState:
+        return self._cell.state
+
+    @property
+    def state(self) -> TransportState:
+        """The current state (also in `statistics()`): RECONNECTING while the master, or a
+        connection this mode needs, is being found again; announced to state listeners."""
+        return self._cell.state
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        return self._cell.add_listener(listener)
+
+    def _health_changed(self, _: bool = True) -> None:
+        """Announce CONNECTED <-> RECONNECTING when the master or this mode's own connection
+        (Pub/Sub's listener) went away or came back."""
+        state = self._cell.state
+        if state is TransportState.CONNECTED and not self._healthy():
+            self._cell.set(TransportState.RECONNECTING)
+        elif state is TransportState.RECONNECTING and self._healthy():
+            self._cell.set(TransportState.CONNECTED)
 
     @property
     def connector(self) -> RedisConnector:
@@ -121,18 +147,18 @@ class RedisTransportBase(Transport):
             ConnectionLostError: no master answered within `connect_timeout` (transient).
             TransportError: credentials refused.
         """
-        if self._state is TransportState.CONNECTED:
+        if self._connected():
             return
         async with self._state_lock:
             if self._connected():  # another task connected while we waited
                 return
             if self._state is TransportState.CLOSED:
                 raise TransportClosedError(f"{self.backend} transport is closed")
-            self._state = TransportState.CONNECTING
+            self._cell.set(TransportState.CONNECTING)
             try:
                 await start_modes([self])  # a single mode owns the connector it runs on
             except BaseException:
-                self._state = TransportState.DISCONNECTED
+                self._cell.set(TransportState.DISCONNECTED)
                 raise
 
     @override
@@ -147,7 +173,7 @@ class RedisTransportBase(Transport):
 
     @override
     def _mark_closed(self) -> None:
-        self._state = TransportState.CLOSED
+        self._cell.set(TransportState.CLOSED)
 
     # -- running on a connector (RedisTransport shares one between its modes) ---------------------
 
@@ -163,20 +189,22 @@ class RedisTransportBase(Transport):
 
     async def _attach(self, connector: RedisConnector) -> None:
         """Start this mode on a started `connector` that the caller owns (and closes)."""
-        self._state = TransportState.CONNECTING
+        self._cell.set(TransportState.CONNECTING)
         self.local.reopen()
         self._connector = connector
         try:
             await self._start_mode()
         except BaseException:
-            self._state = TransportState.DISCONNECTED
+            self._cell.set(TransportState.DISCONNECTED)
             try:
                 await self._stop_mode()
                 await self.local.close()
             finally:
                 self._connector = None
             raise
-        self._state = TransportState.CONNECTED
+        self._cell.set(TransportState.CONNECTED)
+        self._unwatch = connector.add_health_listener(self._health_changed)
+        self._health_changed()  # lost again meanwhile?
 
     async def _detach(self) -> None:
         """Stop this mode and forget its connector without closing it; idempotent.
@@ -185,7 +213,10 @@ class RedisTransportBase(Transport):
         """
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
-        self._state = TransportState.DISCONNECTED
+        self._cell.set(TransportState.DISCONNECTED)
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         try:
             await self._stop_mode()
             await self.local.close()  # readers stop while the connector still exists
@@ -213,7 +244,7 @@ class RedisTransportBase(Transport):
         Raises:
             FailoverExhaustedError: no master took it within `publish_timeout`.
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         await self._send((self.encoded(topic, event),))
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
@@ -227,7 +258,7 @@ class RedisTransportBase(Transport):
                 the items before it were published, it and the ones after were not.
             FailoverExhaustedError: as `publish()`, for the batch being sent.
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         batch: list[Encoded] = []
         for topic, event in items:
             try:
@@ -310,7 +341,7 @@ class RedisTransportBase(Transport):
             ConnectionLostError: no master answers right now.
             NotConnectedError: `connect()` was never called.
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         once = ONCE
 
         async def ping(client: Any) -> Any:
@@ -328,7 +359,8 @@ class RedisTransportBase(Transport):
         return self.local.resolve_group(pattern, group)
 
     def _connected(self) -> bool:
-        return self._state is TransportState.CONNECTED
+        """Connected, or reconnecting by itself (connect() has nothing to do)."""
+        return self._state in (TransportState.CONNECTED, TransportState.RECONNECTING)
 
     def _healthy(self) -> bool:
         return self._connector is not None and self._connector.healthy
@@ -342,10 +374,8 @@ class RedisTransportBase(Transport):
 
     @override
     def statistics(self) -> TransportStatistics:
-        """State (RECONNECTING while the master is being found again), endpoint, counters."""
+        """State (see `state`), endpoint, counters."""
         state = self._state
-        if state is TransportState.CONNECTED and not self._healthy():
-            state = TransportState.RECONNECTING
         connector = self._connector
         return self.local.statistics(
             self.backend,

@@ -96,6 +96,7 @@ class RedisConnector:
         self.generation = 0
         self.last_move: float | None = None  # time.monotonic() of the last re-establishment
         self._moved = asyncio.Event()  # set (and replaced) whenever a master is established
+        self._health_listeners: list[Callable[[bool], None]] = []
         self.reconnect_policy = dataclasses.replace(RECONNECT_POLICY, sleep=self.nap)
         """`RECONNECT_POLICY` whose backoff ends as soon as a new master is established."""
 
@@ -120,6 +121,24 @@ class RedisConnector:
     def healthy(self) -> bool:
         """True while a verified master connection exists."""
         return self._client is not None
+
+    def add_health_listener(self, listener: Callable[[bool], None]) -> Callable[[], None]:
+        """Call `listener(healthy)` when the master is lost and when one is established again
+        (what the transports announce as RECONNECTING and CONNECTED); returns its remover."""
+        self._health_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._health_listeners.remove(listener)
+
+        return remove
+
+    def _announce(self, healthy: bool) -> None:
+        for listener in list(self._health_listeners):
+            try:
+                listener(healthy)
+            except Exception:
+                log.exception("%s: health listener %r failed", self._owner, listener)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -387,6 +406,7 @@ class RedisConnector:
         self._moved = asyncio.Event()
         if self.generation > 1:
             log.warning("%s: now using redis master %s", self._owner, self.endpoint)
+        self._announce(True)
 
     async def _retire(self) -> None:
         """Drop the current clients and every dedicated connection (readers reconnect).
@@ -396,6 +416,8 @@ class RedisConnector:
         """
         client, blocking = self._client, self._blocking
         self._client = self._blocking = None
+        if client is not None and not self._closed:
+            self._announce(False)
         dedicated, self._dedicated = list(self._dedicated), set()
         for conn in dedicated:
             try:

@@ -32,7 +32,7 @@ from loom_ha.redis._connections import checkpoint
 from loom_ha.redis._errors import map_redis_errors
 from loom_ha.redis._roundtrip import UnconfirmedError
 from loom_ha.topics import PatternKind, TopicPattern
-from loom_ha.transport import Capabilities, require_connected
+from loom_ha.transport import Capabilities, require_usable
 
 log = logging.getLogger("loom_ha.redis.pubsub")
 
@@ -205,7 +205,7 @@ class RedisPubSubTransport(RedisTransportBase):
             ConnectionLostError: no confirmation within `subscribe_timeout`.
             TransportError: Redis refused it (NOPERM: the ACL user lacks the channel).
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         if group is not None:
             raise UnsupportedCapabilityError(
                 "redis-pubsub has no competing consumers (group=): use RedisStreamsTransport"
@@ -301,6 +301,7 @@ class RedisPubSubTransport(RedisTransportBase):
                 log.warning("redis-pubsub: listener connection lost (reconnecting): %s", exc)
             finally:
                 self._listening = False
+                self._health_changed()
                 self._conn = None
                 await self.connector.release(conn)
 
@@ -318,6 +319,7 @@ class RedisPubSubTransport(RedisTransportBase):
                     await conn.send_packed_command(packed, check_health=False)
             self._listening = True
             self._listening_started.set()
+            self._health_changed()
         await self._read(conn)
 
     async def _read(self, conn: AbstractConnection) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 from typing_extensions import override
 
 from loom_ha._handlers import Handler, SubscriptionKey
+from loom_ha._tasks import finish_all
 from loom_ha.errors import ConfigurationError, ConnectionLostError
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis._base import Encoded, RedisTransportBase
 from loom_ha.redis._consumer import StreamConsumer
 from loom_ha.redis.pubsub import unwire, wire
-from loom_ha.transport import Capabilities, require_connected
+from loom_ha.transport import Capabilities, require_usable
 
 # Publishers re-add a stream to the registry this often (it may have been lost).
 REGISTER_EVERY = 10.0
@@ -248,7 +249,7 @@ class RedisStreamsTransport(RedisTransportBase):
         Fan-out subscribers see events published after this call returns; a group
         created now starts at the stream's end, an existing one keeps its position.
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         group = self.local.resolve_group(topic, group)
         key, _ = self.local.add(topic, handler, group)
         consumer = self._consumers.get(key)
@@ -262,11 +263,16 @@ class RedisStreamsTransport(RedisTransportBase):
 
     @override
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
-        """Stop delivering; pending group entries of this member are reclaimed by others."""
+        """Stop delivering; pending group entries of this member are reclaimed by others.
+
+        Each reader is stopped to its end in a task of its own: called from the clean-up of
+        a cancelled task (LoomApp's reply handler), the caller still counts as cancelling,
+        which the redis calls of the stop would take for a cancellation of their own.
+        """
         for key in await self.local.remove(topic, handler):
             consumer = self._consumers.pop(key, None)
             if consumer is not None:
-                await consumer.stop()
+                await finish_all(consumer.stop, owner=self.backend)
 
     @override
     def _extra(self) -> dict[str, Any]:

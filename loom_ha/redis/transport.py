@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
+from loom_ha._state import StateCell
 from loom_ha.errors import LoomHAError, TransportClosedError, UnsupportedCapabilityError
 from loom_ha.redis._base import Encoded, RedisTransportBase, detach_modes, start_modes
 from loom_ha.redis.connection import RedisConnector
@@ -30,10 +31,11 @@ from loom_ha.redis.streams import RedisStreamsTransport
 from loom_ha.redis.topic_modes import Mode, ModeRouter, weakest
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
+    StateListener,
     Transport,
     TransportState,
     TransportStatistics,
-    require_connected,
+    require_usable,
 )
 
 
@@ -100,9 +102,31 @@ class RedisTransport(Transport):
         }
         self._used = [self._modes[m] for m in self.router.modes]
         self.capabilities = weakest(t.capabilities for t in self._used)
-        self._state = TransportState.NEW
+        self._cell = StateCell(f"loom_ha.{self.backend}")
         self._state_lock = asyncio.Lock()
         self._connector: RedisConnector | None = None
+        self._unwatch: list[Callable[[], None]] = []  # our listeners on the modes' states
+
+    @property
+    def _state(self) -> TransportState:
+        return self._cell.state
+
+    @property
+    def state(self) -> TransportState:
+        """The current state: RECONNECTING while any mode in use is (announced to listeners)."""
+        return self._cell.state
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        return self._cell.add_listener(listener)
+
+    def _mode_changed(self, _: TransportState) -> None:
+        state = self._cell.state
+        if state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
+            return
+        modes = [m.state for m in self._used]
+        all_up = all(m is TransportState.CONNECTED for m in modes)
+        self._cell.set(TransportState.CONNECTED if all_up else TransportState.RECONNECTING)
 
     @property
     def mode(self) -> Mode:
@@ -129,27 +153,32 @@ class RedisTransport(Transport):
             ConnectionLostError: no master answered within `connect_timeout` (transient).
             TransportError: credentials refused.
         """
-        if self._state is TransportState.CONNECTED:
+        if self._connected():
             return
         async with self._state_lock:
             if self._connected():  # another task connected while we waited
                 return
             if self._state is TransportState.CLOSED:
                 raise TransportClosedError(f"{self.backend} transport is closed")
-            self._state = TransportState.CONNECTING
+            self._cell.set(TransportState.CONNECTING)
             try:
                 self._connector = await start_modes(self._used)
             except BaseException:
-                self._state = TransportState.DISCONNECTED
+                self._cell.set(TransportState.DISCONNECTED)
                 raise
-            self._state = TransportState.CONNECTED
+            self._cell.set(TransportState.CONNECTED)
+            self._unwatch = [m.add_state_listener(self._mode_changed) for m in self._used]
+            self._mode_changed(TransportState.CONNECTED)  # a mode lost meanwhile?
 
     @override
     async def disconnect(self) -> None:
         """Stop both modes and close every socket; finishes even when cancelled."""
         if self._state in (TransportState.NEW, TransportState.DISCONNECTED, TransportState.CLOSED):
             return
-        self._state = TransportState.DISCONNECTED
+        self._cell.set(TransportState.DISCONNECTED)
+        unwatch, self._unwatch = self._unwatch, []
+        for remove in unwatch:
+            remove()
         connector, self._connector = self._connector, None
         try:
             await detach_modes(self._used)
@@ -159,7 +188,7 @@ class RedisTransport(Transport):
 
     @override
     def _mark_closed(self) -> None:
-        self._state = TransportState.CLOSED
+        self._cell.set(TransportState.CLOSED)
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
@@ -170,7 +199,7 @@ class RedisTransport(Transport):
         return groups.pop() if len(groups) == 1 else None
 
     def _connected(self) -> bool:
-        return self._state is TransportState.CONNECTED
+        return self._state in (TransportState.CONNECTED, TransportState.RECONNECTING)
 
     # -- Transport -------------------------------------------------------------------------------
 
@@ -181,7 +210,7 @@ class RedisTransport(Transport):
         See `RedisStreamsTransport.publish` (stored, or raises) and
         `RedisPubSubTransport.publish` (at-most-once, never sent twice).
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         await self._modes[self.router.mode_of(topic)].publish(topic, event)
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
@@ -191,7 +220,7 @@ class RedisTransport(Transport):
         `RedisTransportBase.publish_many`); a bad item raises after the items before
         it were published, and none after it is.
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         shares: dict[Mode, list[Encoded]] = {}
         try:
             for topic, event in items:
@@ -217,7 +246,7 @@ class RedisTransport(Transport):
             UnsupportedCapabilityError: `group` was given and the pattern matches
                 Pub/Sub topics (Pub/Sub has no competing consumers).
         """
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         modes = self.router.modes_for(topic)
         if group is not None and "pubsub" in modes:
             raise UnsupportedCapabilityError(
@@ -245,7 +274,7 @@ class RedisTransport(Transport):
     @override
     async def ping(self) -> None:
         """PING the shared master once (see `RedisTransportBase.ping`)."""
-        require_connected(self._state, self.backend)
+        require_usable(self._state, self.backend)
         await self._used[0].ping()
 
     @override
@@ -253,10 +282,6 @@ class RedisTransport(Transport):
         """Counters summed over the modes; ``extra`` holds each mode's own figures."""
         parts = [t.statistics() for t in self._used]
         state = self._state
-        if state is TransportState.CONNECTED and any(
-            p.state is not TransportState.CONNECTED for p in parts
-        ):
-            state = TransportState.RECONNECTING
         connector = self._connector
         base = connector.reconnects if connector else 0
         sums = {

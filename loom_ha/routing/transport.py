@@ -46,7 +46,7 @@ from loom_ha.retry import ROUTED_BUDGET, RetryPolicy, backoff_delay
 from loom_ha.routing.directory import InstanceDirectory
 from loom_ha.routing.requests import RequestRouter
 from loom_ha.routing.routes import LOOM_ROUTES, RequestRoutes, service_name
-from loom_ha.transport import Transport, TransportState, TransportStatistics
+from loom_ha.transport import StateListener, Transport, TransportState, TransportStatistics
 
 __all__ = [
     "DEFAULT_ATTEMPT_TIMEOUT",
@@ -152,9 +152,13 @@ class BalancedTransport(Transport):
     async def connect(self) -> None:
         await self.inner.connect()
         self._tasks.reopen()
-        watch = getattr(self.inner, "add_state_listener", None)  # HATransport has one
-        if watch is not None and self._unwatch_state is None:
-            self._unwatch_state = watch(self._inner_state_changed)
+        if self._unwatch_state is None:
+            self._unwatch_state = self.inner.add_state_listener(self._inner_state_changed)
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None] | None:
+        """The inner transport's state is this one's: its listeners are told."""
+        return self.inner.add_state_listener(listener)
 
     def _inner_state_changed(self, state: TransportState) -> None:
         """While the broker is away this instance cannot receive: take it out of rotation."""

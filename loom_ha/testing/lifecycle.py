@@ -109,6 +109,61 @@ class LifecycleConformance:
             await transport.disconnect()  # harmless, stays closed
             assert transport.statistics().state is TransportState.CLOSED
 
+    async def test_state_changes_are_announced(self, backend: Backend) -> None:
+        """State listeners hear every change as it happens, so no layer has to poll:
+        connect() ends in CONNECTED, disconnect() in DISCONNECTED, close() in CLOSED, each
+        announced before the call returns; a removed listener hears nothing more."""
+        transport = backend.factory()
+        seen: list[TransportState] = []
+        remove = transport.add_state_listener(seen.append)
+        assert remove is not None, f"{backend.name} does not announce its state"
+        await transport.connect()
+        assert seen[-1:] == [TransportState.CONNECTED], seen
+        await transport.disconnect()
+        assert seen[-1:] == [TransportState.DISCONNECTED], seen
+        await transport.connect()
+        assert seen[-1:] == [TransportState.CONNECTED], seen
+        remove()
+        heard = len(seen)
+        await transport.close()
+        assert len(seen) == heard, seen
+        assert transport.statistics().state is TransportState.CLOSED
+
+    async def test_unsubscribe_completes_in_the_clean_up_of_a_cancelled_task(
+        self, backend: Backend, prefix: str
+    ) -> None:
+        """A task cancelled while waiting unsubscribes two topics in its `finally`, as
+        LoomApp's reply handler does: each unsubscribe runs to its end although the task is
+        still marked as being cancelled, and no subscription or handler is left behind."""
+        topics = (prefix + "cleanup/a", prefix + "cleanup/b")
+        async with backend.factory() as transport:
+            baseline = transport.statistics()
+            handler = Collector()
+            for topic in topics:
+                await transport.subscribe(topic, handler)
+                await publish_one(transport, topic)
+            await handler.wait_for(2)  # the readers are at work (Redis: blocked again)
+            waiting = asyncio.Event()
+
+            async def waiting_call() -> None:
+                try:
+                    waiting.set()
+                    await asyncio.sleep(3600)
+                finally:
+                    for topic in topics:
+                        await transport.unsubscribe(topic, handler)
+
+            call = asyncio.create_task(waiting_call())
+            await waiting.wait()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            after = transport.statistics()
+            assert (after.subscriptions, after.handlers) == (
+                baseline.subscriptions,
+                baseline.handlers,
+            ), after
+
     async def test_disconnect_finishes_when_a_handler_swallows_cancellation(
         self, backend: Backend, prefix: str
     ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import time
 from typing import Any
 
@@ -14,7 +13,6 @@ from loom_ha.config import create_transport
 from loom_ha.errors import ConnectionLostError, PublishError
 from loom_ha.event import CloudEvent
 from loom_ha.ha import HATransport
-from loom_ha.redis._base import RedisTransportBase
 from loom_ha.testing.chaos import run_chaos
 from loom_ha.testing.collect import Collector
 from loom_ha.transport import TransportState
@@ -106,7 +104,7 @@ async def test_full_outage_fail_fast_every_publish_arrives_or_raises(server_laun
 
 
 @pytest.mark.redis
-async def test_cancel_during_backoff_is_prompt_and_close_leaves_nothing(
+async def test_cancel_while_waiting_out_an_outage_is_prompt_and_close_leaves_nothing(
     server_launcher: Any,
 ) -> None:
     """Cancelling a publisher waiting out an outage ends it at once; close() leaves no task."""
@@ -115,21 +113,19 @@ async def test_cancel_during_backoff_is_prompt_and_close_leaves_nothing(
     transport = create_transport(f"{server.url}?mode=streams&outbox_timeout=60")
     assert isinstance(transport, HATransport)
     await transport.connect()
-    inner = transport.inner
-    assert isinstance(inner, RedisTransportBase)
-    backing_off = asyncio.Event()
-
-    async def sleep(seconds: float) -> None:  # RetryPolicy's hook for observing backoffs
-        backing_off.set()
-        await asyncio.sleep(seconds)
-
-    inner.publish_policy = dataclasses.replace(inner.publish_policy, sleep=sleep)
+    reconnecting = asyncio.Event()
+    transport.add_state_listener(
+        lambda state: reconnecting.set() if state is TransportState.RECONNECTING else None
+    )
     await asyncio.to_thread(server.kill)
-    publisher = asyncio.create_task(transport.publish("ha.cancel/x", _event(1)))
-    # A marker, not a pause: the publish failed against the dead server and now waits out
-    # a backoff (its first attempt is refused at once; 10 s is only a guard).
+    # The inner transport announces the lost master; 10 s is only a guard.
     async with asyncio.timeout(10):
-        await backing_off.wait()
+        await reconnecting.wait()
+    publisher = asyncio.create_task(transport.publish("ha.cancel/x", _event(1)))
+    # A marker, not a pause: while reconnecting, the publish waits in the outbox (BLOCK).
+    async with asyncio.timeout(10):
+        while not transport.outbox_depth:  # noqa: ASYNC110 - the outbox has no signal
+            await asyncio.sleep(0.01)
     assert not publisher.done()
     publisher.cancel()
     # Bound: a cancellation that did not end the wait would leave the publish retrying

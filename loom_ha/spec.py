@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from loom_ha._redact import redact
 from loom_ha.errors import ConfigurationError
 from loom_ha.ha.outbox import OutboxConfig, OutboxPolicy
 from loom_ha.policy import DeliveryPolicy
@@ -183,7 +184,7 @@ def parse_transport_url(url: str) -> TransportSpec:
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
-            f"transport URL {url!r} has no scheme (memory://, redis://, nats://)"
+            f"transport URL {redact(url, url)!r} has no scheme (memory://, redis://, nats://)"
         )
     scheme = url.split("://", 1)[0].lower()
     broker: Broker
@@ -203,8 +204,10 @@ def parse_transport_url(url: str) -> TransportSpec:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        # The query only: the address may carry credentials.
-        raise ConfigurationError(f"transport URL query {query!r}: bad ({exc})") from None
+        # The query only (the address may carry credentials), its secret options hidden.
+        raise ConfigurationError(
+            f"transport URL query {redact(query, url)!r}: bad ({exc})"
+        ) from None
     opts, rest = _parse_options(pairs)
     mode = _mode(broker, opts)
     servers: tuple[str, ...] = ()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from urllib.parse import unquote
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from loom_ha._redact import redact
 from loom_ha.discovery import Health, ServiceInstance, open_registry
 from loom_ha.errors import ConfigurationError, RegistryError
 
@@ -23,23 +23,6 @@ def _default_consul_url() -> str:
 
     scheme, host, port = parse_consul_address()
     return f"{'consul+https' if scheme == 'https' else 'consul'}://{host}:{port}"
-
-
-def _hide_secrets(text: str, url: str) -> str:
-    """`text` without the credentials of `url` (its userinfo, ``token=``/``*password=`` values).
-
-    A registry may echo its URL (endpoint, error messages); what status prints never does.
-    """
-    rest = url.partition("://")[2]
-    userinfo = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[0]
-    hidden = {f"{form}@": "***@" for form in (userinfo, unquote(userinfo)) if userinfo}
-    for option in rest.partition("?")[2].split("&"):
-        name, _, value = option.partition("=")
-        if value and ("token" in name.lower() or "password" in name.lower()):
-            hidden.update({f"={form}": "=***" for form in (value, unquote(value))})
-    for secret in sorted(hidden, key=len, reverse=True):
-        text = text.replace(secret, hidden[secret])
-    return text
 
 
 def _age(when: float | None, now: float) -> str:
@@ -92,7 +75,7 @@ async def run_status(
     try:
         registry = open_registry(url, timeout=timeout)
     except ConfigurationError as exc:
-        console.print(f"[red]{_hide_secrets(str(exc), url)}")
+        console.print(f"[red]{redact(str(exc), url)}")
         return 2
     try:
         async with registry:
@@ -109,7 +92,7 @@ async def run_status(
                     for r in rows
                 ]
     except (RegistryError, ConfigurationError) as exc:
-        console.print(f"[red]{_hide_secrets(str(exc), url)}")
+        console.print(f"[red]{redact(str(exc), url)}")
         return 1
-    console.print(render_status(_hide_secrets(registry.endpoint, url), rows))
+    console.print(render_status(redact(registry.endpoint, url), rows))
     return 0

@@ -31,6 +31,7 @@ except ImportError as exc:  # the consul extra brings py-consul and its aiohttp
         "loom_ha.discovery.consul needs py-consul: pip install 'loom-ha[consul]'"
     ) from exc
 
+from loom_ha._redact import redact
 from loom_ha.discovery.instance import Health, ServiceInstance
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
 
@@ -79,8 +80,6 @@ _STATUS_TTL = "87600h"
 _UNKNOWN_CHECK = ("does not have associated ttl", "unknown check")
 _HEARTBEAT = re.compile(r"^loom-ha heartbeat (\d+(?:\.\d+)?)(?:; (.*))?$", re.DOTALL)
 DEFAULT_ADDRESS = ("http", "127.0.0.1", 8500)
-# What an error message shows of a URL: never its token (userinfo or ?token=).
-_SECRETS = re.compile(r"(?<=://)[^/?#]*@|(?<=[?&]token=)[^&#]*", re.IGNORECASE)
 
 
 def parse_consul_address(
@@ -111,9 +110,9 @@ def parse_address(
             return (*DEFAULT_ADDRESS, None)
         ssl_env = os.environ.get("CONSUL_HTTP_SSL", "").lower() == "true"
         candidate = env if "://" in env else f"{'https' if ssl_env else 'http'}://{env}"
-        return _parse_url(candidate, what=f"CONSUL_HTTP_ADDR={_SECRETS.sub('***', env)!r}")
+        return _parse_url(candidate, what=f"CONSUL_HTTP_ADDR={redact(env, candidate)!r}")
     if url is not None:
-        return _parse_url(url, what=f"Consul URL {_SECRETS.sub('***', url)!r}")
+        return _parse_url(url, what=f"Consul URL {redact(url, url)!r}")
     return "http", host or DEFAULT_ADDRESS[1], port or DEFAULT_ADDRESS[2], None
 
 
@@ -123,7 +122,7 @@ def _parse_url(url: str, *, what: str) -> tuple[str, str, int, str | None]:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigurationError(f"invalid {what}: {_SECRETS.sub('***', str(exc))}") from exc
+        raise ConfigurationError(f"invalid {what}: {redact(str(exc), url)}") from exc
     if parts.scheme not in schemes:
         raise ConfigurationError(
             f"invalid {what}: scheme must be one of {', '.join(schemes)}, e.g. consul://host:8500"

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from typing_extensions import override
 
+from loom_ha._redact import without_credentials
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import Health, ServiceInstance
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
@@ -49,13 +50,6 @@ def map_redis_errors(endpoint: str) -> Iterator[None]:
         raise RegistryUnavailableError(f"redis at {endpoint} unavailable: {exc}") from exc
     except redis.exceptions.RedisError as exc:
         raise RegistryError(f"redis at {endpoint} refused: {exc}") from exc
-
-
-def _without_credentials(url: str) -> str:
-    """`url` as shown in errors and statistics: no userinfo, no query (it may hold secrets)."""
-    scheme, _, rest = url.partition("://")
-    address = rest.split("?", 1)[0].rpartition("@")[2]
-    return f"{scheme}://{address}"
 
 
 async def _uncancellable_guard(operation: Awaitable[T]) -> T:
@@ -115,7 +109,7 @@ class RedisRegistry(ServiceRegistry):
             raise ConfigurationError(
                 f"invalid Redis registry URL scheme {scheme!r}: expected redis://host:port/db"
             )
-        shown = _without_credentials(url)
+        shown = without_credentials(url)
         if poll_interval <= 0:
             raise ConfigurationError(f"poll_interval must be > 0, got {poll_interval}")
         if max_connections < 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+from loom_ha._redact import redact
 from loom_ha.errors import ConfigurationError
 
 DEFAULT_PORT = 6379
@@ -219,8 +220,11 @@ def parse_redis_url(url: str, **overrides: Any) -> RedisSettings:
         ConfigurationError: unknown scheme, bad host/port/db, missing master name,
             unknown query option, or a bad override; the message names the part.
     """
+    shown = redact(url, url) if isinstance(url, str) else repr(url)  # never its credentials
+    if isinstance(url, str) and "://" not in url and "@" in url:  # no scheme: no URL to redact
+        shown = f"***@{url.rpartition('@')[2]}"
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(f"redis URL {url!r} has no scheme (expected redis://...)")
+        raise ConfigurationError(f"redis URL {shown!r} has no scheme (expected redis://...)")
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _SCHEMES:
         raise ConfigurationError(
@@ -240,24 +244,26 @@ def parse_redis_url(url: str, **overrides: Any) -> RedisSettings:
         else:  # redis://secret@host means a password, as redis-cli reads it
             values["password"] = unquote(user)
     if not netloc:
-        raise ConfigurationError(f"redis URL {url!r}: no host")
+        raise ConfigurationError(f"redis URL {shown!r}: no host")
     default_port = DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT
     hosts = tuple(_host_port(part, default_port) for part in netloc.split(","))
     segments = [unquote(s) for s in path.split("/")] if path else []
     if sentinel:
         if not segments or not segments[0]:
             raise ConfigurationError(
-                f"redis+sentinel URL {url!r}: the master name is missing (…/<master_name>)"
+                f"redis+sentinel URL {shown!r}: the master name is missing (…/<master_name>)"
             )
         values["master_name"] = segments.pop(0)
     elif len(hosts) > 1:
         raise ConfigurationError(
-            f"redis URL {url!r}: several hosts need redis+sentinel:// (a Sentinel URL)"
+            f"redis URL {shown!r}: several hosts need redis+sentinel:// (a Sentinel URL)"
         )
     if segments and segments[0]:
         values["db"] = _int("db", segments.pop(0))
     if any(segments):
-        raise ConfigurationError(f"redis URL {url!r}: unexpected path part {'/'.join(segments)!r}")
+        raise ConfigurationError(
+            f"redis URL {shown!r}: unexpected path part {'/'.join(segments)!r}"
+        )
     values["addresses"] = hosts
     values.update(_query(query))
     fields = {f.name for f in dataclasses.fields(RedisSettings)}

@@ -6,70 +6,27 @@ Each scenario prints sent / received / lost / duplicated and the recovery time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
-from collections import Counter
 from typing import Any
-
-import pytest
 
 from loom_ha.errors import TransportError
 from loom_ha.event import CloudEvent
-from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
-from loom_ha.policy import DeliveryPolicy
+from loom_ha.nats import JetStreamTransport, NatsCoreTransport, StreamOptions
 from loom_ha.testing.collect import delivery_report
 from loom_ha.testing.plugin import ServerLauncher
-from loom_ha.testing.servers import NatsCluster, NatsServer
 from loom_ha.transport import TransportState
 
-pytestmark = [
-    pytest.mark.chaos,
-    pytest.mark.nats,
-    # nats-py drops the StreamWriter of a half-made connection when a server accepts TCP but
-    # dies (or is still starting) during the handshake; that leak is the client's, not ours.
-    pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning"),
-]
+from ._chaos import CONSUMER, MARKS, Counter, node_of
 
-CONSUMER = ConsumerOptions(
-    ack_wait=2.0,
-    heartbeat=0.25,
-    pull_expires=3.0,
-    policy=DeliveryPolicy(max_deliveries=50, backoff_initial=0.05, backoff_max=0.5),
-)
+pytestmark = MARKS
+
 FAST_RECONNECT: dict[str, Any] = {"reconnect_wait": 0.05, "connect_timeout": 5.0}
-
-
-class Recorder:
-    """A handler that counts every call (so duplicates show) and signals progress."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.times: dict[str, float] = {}
-        self.changed = asyncio.Event()
-
-    async def __call__(self, event: Any) -> None:
-        self.calls.append(event.id)
-        self.times.setdefault(event.id, time.monotonic())
-        self.changed.set()
-
-    async def wait_all(self, ids: list[str], within: float) -> None:
-        """Wait until every id in `ids` was received."""
-        wanted = set(ids)
-        async with asyncio.timeout(within):
-            while not wanted <= set(self.calls):
-                self.changed.clear()
-                await self.changed.wait()
 
 
 def _event(n: int) -> CloudEvent:
     return CloudEvent.create(source="/chaos/nats", type="chaos", data={"n": n})
-
-
-def _node_of(cluster: NatsCluster, endpoint: str | None) -> NatsServer:
-    for node in cluster.nodes:
-        if endpoint is not None and endpoint.endswith(f":{node.port}"):
-            return node
-    raise LookupError(f"no node serves {endpoint}")
 
 
 def _report(name: str, sent: list[str], calls: list[str], recovery: float) -> Any:
@@ -85,14 +42,14 @@ async def test_jetstream_survives_killing_the_connected_server(
     none delivered twice to the handler."""
     cluster = await asyncio.to_thread(server_launcher.nats_cluster)
     stream = StreamOptions(replicas=3)
-    got = Recorder()
+    got = Counter()
     sent: list[str] = []
     async with JetStreamTransport(
         cluster.servers, stream=stream, consumer=CONSUMER, **FAST_RECONNECT
     ) as js:
         await js.subscribe("chaos.js/orders", got)
         events = [_event(n) for n in range(10_000)]
-        victim = _node_of(cluster, js.statistics().endpoint)
+        victim = node_of(cluster, js)
         killed_at = 0.0
         recovered_at = 0.0
         for start in range(0, len(events), 250):
@@ -117,7 +74,7 @@ async def test_core_loss_window_is_measured_and_delivery_resumes(
     """Core NATS loses what was in flight when the connected server dies (reported, not
     asserted), and delivers everything published after the reconnect."""
     cluster = await asyncio.to_thread(server_launcher.nats_cluster, jetstream=False)
-    got = Recorder()
+    got = Counter()
     back = asyncio.Event()
     sent: list[str] = []
     async with NatsCoreTransport(cluster.servers, **FAST_RECONNECT) as core:
@@ -125,7 +82,7 @@ async def test_core_loss_window_is_measured_and_delivery_resumes(
             lambda state: back.set() if state is TransportState.CONNECTED else None
         )
         await core.subscribe("chaos.core/orders", got)
-        victim = _node_of(cluster, core.statistics().endpoint)
+        victim = node_of(cluster, core)
         killed_at = 0.0
         for n in range(10_000):
             if n == 3000:
@@ -159,7 +116,7 @@ async def test_recovers_after_all_servers_were_down_past_the_default_give_up(
     """With every server down for 70+ reconnect attempts (nats-py would close after 60), the
     transport keeps trying and works again once the cluster is back."""
     cluster = await asyncio.to_thread(server_launcher.nats_cluster)
-    got = Recorder()
+    got = Counter()
     states: list[TransportState] = []
     async with JetStreamTransport(
         cluster.servers,
@@ -198,7 +155,7 @@ async def test_pull_consumption_resumes_after_a_hard_kill(server_launcher: Serve
     """A SIGKILLed server holding our outstanding pulls does not silence the consumer
     (nats.py #504): pulls are re-issued and new events arrive."""
     cluster = await asyncio.to_thread(server_launcher.nats_cluster)
-    got = Recorder()
+    got = Counter()
     async with JetStreamTransport(
         cluster.servers, stream=StreamOptions(replicas=3), consumer=CONSUMER, **FAST_RECONNECT
     ) as js:
@@ -206,7 +163,7 @@ async def test_pull_consumption_resumes_after_a_hard_kill(server_launcher: Serve
         first = _event(0)
         await js.publish("chaos.pull/x", first)
         await got.wait_all([first.id], within=10)  # idle now: only pulls are outstanding
-        victim = _node_of(cluster, js.statistics().endpoint)
+        victim = node_of(cluster, js)
         await asyncio.to_thread(victim.kill)
         killed_at = time.monotonic()
         await asyncio.to_thread(victim.launch)
@@ -228,7 +185,10 @@ async def test_unacked_events_of_a_killed_member_go_to_another(
     them after ack_wait, so nothing is lost."""
     cluster = await asyncio.to_thread(server_launcher.nats_cluster)
     topic = f"chaos.group/{uuid.uuid4().hex[:6]}"
-    done_by: dict[str, Counter[str]] = {"a": Counter(), "b": Counter()}
+    done_by: dict[str, collections.Counter[str]] = {
+        "a": collections.Counter(),
+        "b": collections.Counter(),
+    }
     stuck = asyncio.Event()
     never = asyncio.Event()
     progress = asyncio.Event()

@@ -21,7 +21,7 @@ from loom_ha.testing.collect import Collector
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import NatsServer
 
-from ._slowlink import SlowLink
+from ._relay import SlowLink
 
 pytestmark = pytest.mark.nats
 

@@ -21,30 +21,25 @@ from loom_ha.config import HA_INNER_PUBLISH_TIMEOUT
 from loom_ha.errors import LoomHAError
 from loom_ha.event import CloudEvent
 from loom_ha.ha.failover import HATransport
-from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
-from loom_ha.policy import DeliveryPolicy
+from loom_ha.nats import JetStreamTransport, NatsCoreTransport, StreamOptions
 from loom_ha.testing.nats_servers import NatsCluster, NatsServer
+from loom_ha.testing.pacer import Pacer
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.transport import TransportState
 
-from ._freeze import STREAM, Counter, Pacer, frozen, node_of, place_stream_leader, report
-
-pytestmark = [
-    pytest.mark.chaos,
-    pytest.mark.nats,
-    # nats-py drops the StreamWriter of a half-made connection when a server accepts TCP but
-    # does not answer the handshake; that leak is the client's, not ours.
-    pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning"),
-]
-
-CONSUMER = ConsumerOptions(
-    # Events pulled into the frozen node's socket come back after ack_wait: short, so the
-    # test drains in seconds (the default 30 s loses nothing either, it only takes longer).
-    ack_wait=2.0,
-    heartbeat=0.25,
-    pull_expires=3.0,
-    policy=DeliveryPolicy(max_deliveries=50, backoff_initial=0.05, backoff_max=0.5),
+from ._chaos import (
+    CONSUMER,
+    MARKS,
+    STREAM,
+    Counter,
+    frozen,
+    node_of,
+    place_stream_leader,
+    report,
 )
+
+pytestmark = MARKS
+
 TOPIC = "chaos.freeze/orders"
 
 FAILOVER_STALL_BOUND = 3.0
@@ -123,12 +118,12 @@ async def test_jetstream_freezing_the_connected_node_fails_over_within_3s(
         async with _jetstream([victim.url]) as consumer:
             await consumer.subscribe(TOPIC, got, group="workers")
             pub_states, sub_states = StateLog(publisher), StateLog(consumer)
-            async with Pacer(publisher, TOPIC) as pacer:
+            async with Pacer("freeze").publishing(publisher, TOPIC) as pacer:
                 await pacer.wait_until_sent(50, within=10)
                 async with frozen(victim) as froze:
                     # Publishing must go on while the node is still frozen.
                     await pacer.wait_until_sent(200, within=15)
-                    after_failover = pacer.sent_between(froze + 0.1, time.monotonic())
+                    after_failover = len(pacer.accepted_between(froze + 0.1, time.monotonic()))
                 await pacer.wait_until_sent(50, within=15)
             await got.wait_all(pacer.sent, within=30)
             stats = (publisher.statistics(), consumer.statistics())
@@ -176,7 +171,7 @@ async def test_jetstream_freezing_the_stream_leader_stalls_for_the_election_only
         await place_stream_leader(cluster, victim)
         async with _jetstream([victim.url]) as consumer:
             await consumer.subscribe(TOPIC, got, group="workers")
-            async with Pacer(publisher, TOPIC) as pacer:
+            async with Pacer("freeze").publishing(publisher, TOPIC) as pacer:
                 await pacer.wait_until_sent(50, within=10)
                 async with frozen(victim) as froze:
                     elected_at = await asyncio.wait_for(_first_new_leader(cluster, victim), 30)
@@ -213,7 +208,7 @@ async def test_core_freezing_the_connected_node_measures_the_loss_window(
         victim = node_of(cluster, publisher.inner)
         async with HATransport(lambda: NatsCoreTransport([victim.url])) as subscriber:
             await subscriber.subscribe(TOPIC, got)
-            async with Pacer(publisher, TOPIC, pace=0.001) as pacer:
+            async with Pacer("freeze", pace=0.001).publishing(publisher, TOPIC) as pacer:
                 await pacer.wait_until_sent(200, within=10)
                 async with frozen(victim) as froze:
                     before = len(got.calls)
@@ -223,10 +218,10 @@ async def test_core_freezing_the_connected_node_measures_the_loss_window(
                             await got.changed.wait()
                 thawed = time.monotonic()
                 await pacer.wait_until_sent(300, within=15)
-            tail = [i for i, t in zip(pacer.sent, pacer.sent_at, strict=True) if t > thawed + 1.0]
+            tail = pacer.accepted_between(thawed + 1.0)
             await got.wait_all(tail, within=15)
     arrived = set(got.calls)
-    lost_at = [t for i, t in zip(pacer.sent, pacer.sent_at, strict=True) if i not in arrived]
+    lost_at = [t for i, t in zip(pacer.sent, pacer.accepted_at, strict=True) if i not in arrived]
     window = f"{max(lost_at) - min(lost_at):.2f}s" if lost_at else "0s"
     counts = report(
         "core, connected node frozen",

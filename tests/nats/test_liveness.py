@@ -21,7 +21,7 @@ from loom_ha.testing.nats_servers import NatsServer
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.transport import TransportState
 
-from ._lagging import LaggingPongs
+from ._relay import LaggingPongs
 
 DETECTION_WAIT = 10.0
 """How long a test waits for a frozen server to be declared dead. The contract is 2 s

@@ -27,15 +27,15 @@ import time
 
 import pytest
 
-from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
+from loom_ha.nats import JetStreamTransport, NatsCoreTransport, StreamOptions
 from loom_ha.nats.options import NatsOptions
-from loom_ha.policy import DeliveryPolicy
 from loom_ha.testing.nats_servers import NatsCluster
 from loom_ha.testing.netns import Network
+from loom_ha.testing.pacer import Pacer
 from loom_ha.transport import Transport
 
-from ..nats._freeze import place_stream_leader
-from ._support import Counter, Pacer, eventually, report
+from ..nats._chaos import CONSUMER, Counter, place_stream_leader
+from ._support import PACE, eventually, report
 
 pytestmark = [
     pytest.mark.chaos,
@@ -49,14 +49,6 @@ pytestmark = [
 JS_TOPIC = "partition.js/orders"
 CORE_TOPIC = "partition.core/orders"
 STREAM = StreamOptions(replicas=3)
-CONSUMER = ConsumerOptions(
-    # Events pulled into the cut-off node's socket come back after ack_wait: short, so the
-    # test drains in seconds (the default 30 s loses nothing either, it only takes longer).
-    ack_wait=2.0,
-    heartbeat=0.25,
-    pull_expires=3.0,
-    policy=DeliveryPolicy(max_deliveries=50, backoff_initial=0.05, backoff_max=0.5),
-)
 HOLD = 4.0
 """Seconds the partition lasts: twice the detection time, so the majority-side client has
 moved and worked on the other side before the heal."""
@@ -95,8 +87,9 @@ async def test_one_node_cut_off_while_clients_stay_connected(netns_network: Netw
     # Everyone starts on the victim's URL and learns the others from the cluster.
     start = [victim.url]
     got, core_got = Counter(), Counter()
-    host = Pacer("host-js")
-    minority_js, minority_core = Pacer("minority-js"), Pacer("minority-core")
+    host = Pacer("host-js", pace=PACE)
+    minority_js = Pacer("minority-js", pace=PACE)
+    minority_core = Pacer("minority-core", pace=PACE)
     pacers = (host, minority_js, minority_core)
     js_options = {"stream": STREAM, "consumer": CONSUMER}
     async with (
@@ -156,7 +149,7 @@ async def test_one_node_cut_off_while_clients_stay_connected(netns_network: Netw
         js_sent,
         got.calls,
         stall=cut_stall,
-        stall_after_heal=host.longest_running_after(healing),
+        stall_after_heal=host.stall(healing),
         host_moved_after=(moved - cut) if moved else "-",
         host_sent_while_cut=len(host.accepted_between(cut, healed)),
         minority_stall=minority_js.longest,

@@ -23,9 +23,11 @@ import pytest
 
 from loom_ha.redis import RedisStreamsTransport
 from loom_ha.testing.netns import Member, Network
+from loom_ha.testing.pacer import Pacer
 from loom_ha.testing.redis_sentinel import RedisSentinelCluster
 
-from ._support import Counter, Pacer, eventually, report
+from ..nats._chaos import Counter
+from ._support import PACE, eventually, report
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.timeout(150)]
 
@@ -63,7 +65,7 @@ async def test_master_and_client_cut_from_the_sentinels(
     assert old.host == servers[0].address
 
     got = Counter()
-    pacer = Pacer(f"redis-wait{wait_replicas}")
+    pacer = Pacer(f"redis-wait{wait_replicas}", pace=PACE)
     options = {"block": 0.5, "claim_idle": 2.0}
     async with RedisStreamsTransport(cluster.url, **options) as consumer:  # on the host
         await consumer.subscribe(TOPIC, got, group="workers")

@@ -24,13 +24,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError
 
 from loom_ha.config import create_transport
-from loom_ha.errors import TransportError
 from loom_ha.event import CloudEvent
 from loom_ha.testing.collect import Collector, delivery_report
+from loom_ha.testing.pacer import Pacer
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.redis_sentinel import RedisSentinelCluster
 from loom_ha.testing.redis_servers import RedisServer
-from loom_ha.transport import Transport
 
 from ._redis_helpers import eventually, master_other_than
 
@@ -84,40 +83,6 @@ class Timed(Collector):
         """The longest time between arrivals within [start, end]."""
         marks = [start, *(t for t in self.times if start < t < end), end]
         return max(b - a for a, b in itertools.pairwise(marks))
-
-
-class Pacer:
-    """Publishes numbered events until stopped; records each accepted one and each call's time."""
-
-    def __init__(self, transport: Transport, topic: str) -> None:
-        self.transport, self.topic = transport, topic
-        self.sent: list[str] = []
-        self.accepted_at: list[float] = []
-        self.calls: list[tuple[float, float]] = []  # (started, seconds) of every publish call
-        self.errors: list[BaseException] = []
-
-    async def run(self, stop: asyncio.Event) -> None:
-        n = 0
-        while not stop.is_set():
-            event = CloudEvent.create(source="/chaos/freeze", type="chaos.freeze", data={"n": n})
-            n += 1
-            started = time.monotonic()
-            try:
-                await self.transport.publish(self.topic, event)
-            except TransportError as exc:  # every publish either arrives or raises
-                self.errors.append(exc)
-            else:
-                self.sent.append(event.id)
-                self.accepted_at.append(time.monotonic())
-            self.calls.append((started, time.monotonic() - started))
-            await asyncio.sleep(PACE)
-
-    def accepted_since(self, moment: float) -> int:
-        return sum(1 for t in self.accepted_at if t > moment)
-
-    def stall(self, since: float) -> float:
-        """The longest publish call that ended after `since`."""
-        return max((s for t, s in self.calls if t + s > since), default=0.0)
 
 
 async def _old_only_events(old: aioredis.Redis, new: RedisServer, key: str) -> set[str]:
@@ -190,16 +155,13 @@ async def _run_freeze(
     old_only: set[str] = set()
     async with create_transport(url) as consumer, create_transport(url) as publisher:
         await consumer.subscribe(TOPIC, got, group=group)
-        pacer = Pacer(publisher, TOPIC)
-        stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(pacer.run(stop))
+        async with Pacer("freeze", pace=PACE).publishing(publisher, TOPIC) as pacer:
             await eventually(lambda: len(pacer.sent) >= 300, within=30)
             await asyncio.to_thread(old.pause)
             frozen = time.monotonic()
             promoted = await asyncio.to_thread(master_other_than, cluster, old.address)
             new = await asyncio.to_thread(cluster.server_at, cluster.master_address())
-            await eventually(lambda: pacer.accepted_since(promoted) >= 300, within=30)
+            await eventually(lambda: len(pacer.accepted_between(promoted)) >= 300, within=30)
             await asyncio.to_thread(old.resume)
             resumed = time.monotonic()
             role_after_resume = await asyncio.to_thread(_role, old)
@@ -208,8 +170,7 @@ async def _run_freeze(
             ids, split.replicated, split.window = await _write_to_old_master(stray, "splitbrain")
             split.accepted = len(ids)
             demoted = await _demoted(old)
-            await eventually(lambda: pacer.accepted_since(demoted) >= 300, within=30)
-            stop.set()
+            await eventually(lambda: len(pacer.accepted_between(demoted)) >= 300, within=30)
         async with aioredis.Redis(host=new.host, port=new.port, protocol=2) as fresh:
             kept = {e[0] for e in await fresh.xrange("splitbrain")}
         split.survived = len(kept & set(ids))

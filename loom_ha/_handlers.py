@@ -274,8 +274,9 @@ class HandlerTable:
 class Mailbox:
     """A handler's serial delivery queue: keeps per-topic order, isolates slow handlers.
 
-    Each handler gets one worker task (owned by the transport's supervisor), so a
-    handler awaiting a nested request never blocks delivery to anyone else. A
+    Each handler gets one worker task once an event is queued for it (owned by the
+    transport's supervisor), so a handler awaiting a nested request never blocks
+    delivery to anyone else. A
     backend that already runs one serial task per subscription key may instead call
     the handler in that task (`enter_here` ... `leave_here`) while nothing of it is
     queued or running: the worker then waits until that call is over, so the handler
@@ -294,12 +295,17 @@ class Mailbox:
         self._idle: asyncio.Future[None] | None = None
         self._working = False  # the worker is inside the handler
         self._here = False  # a delivery task is inside the handler (enter_here)
-        self._task = supervisor.spawn(self._run(), name=f"mailbox:{handler!r}")
+        # Started by the first event: a backend that calls handlers in its own serial task
+        # (Redis Streams, JetStream) never feeds a mailbox, and then has no idle worker.
+        self._task: asyncio.Task[None] | None = None
         self._supervisor = supervisor
 
     def put(self, topic: str, event: Any) -> None:
         """Queue one event; never blocks (the queue is unbounded, see `depth`)."""
         self._items.append((topic, event))
+        if self._task is None:
+            self._task = self._supervisor.spawn(self._run(), name=f"mailbox:{self._handler!r}")
+            return  # it starts with the queue as it is
         self._wake()
 
     def _wake(self) -> None:
@@ -347,4 +353,5 @@ class Mailbox:
 
     async def close(self) -> None:
         """Stop the worker; queued events are dropped (the handler unsubscribed)."""
-        await self._supervisor.cancel(self._task)
+        if self._task is not None:
+            await self._supervisor.cancel(self._task)

@@ -54,3 +54,19 @@ class DeliveryPolicy:
     def exhausted(self, deliveries_so_far: int) -> bool:
         """True when no attempt is left after `deliveries_so_far` failed ones."""
         return deliveries_so_far >= self.max_deliveries
+
+    def abandoned(self, delivery: int) -> str | None:
+        """Why the `delivery`-th delivery of an event goes to the dead letters unhandled, or None.
+
+        Every durable backend asks before calling handlers: when the deliveries before this
+        one were never settled (the consumer died or stalled mid-handler, e.g. on an event
+        that crashes its process) and they used up the budget, the event is not handed to
+        another consumer to crash it too.
+        """
+        earlier = delivery - 1
+        if not self.exhausted(earlier):
+            return None
+        return (
+            f"delivered {earlier} times without an ack "
+            "(consumers died or stalled while handling it)"
+        )

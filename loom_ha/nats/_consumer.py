@@ -305,6 +305,10 @@ class PullConsumer:
             # A group member without handlers (unsubscribing): let another member take it.
             await _settle(msg.nak() if key.group is not None else msg.ack())
             return
+        abandoned = owner.consumer_options.policy.abandoned(deliveries)
+        if abandoned is not None:
+            await self._dead_letter(msg, abandoned, topic, deliveries - 1)
+            return
         done = self._progress.pop(sequence, None) if deliveries > 1 else None
         if done:
             recipients = [h for h in recipients if id(h) not in done]

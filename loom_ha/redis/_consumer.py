@@ -269,11 +269,11 @@ class StreamConsumer:
         if event is None:
             self._ack(stream, entry_id)
             return
-        if t.policy.exhausted(deliveries - 1):
+        abandoned = t.policy.abandoned(deliveries)
+        if abandoned is not None:
             await t.dead_letter(
                 DeadLetter(
-                    reason=f"delivered {deliveries - 1} times without an ack (consumers died "
-                    "or stalled while handling it)",
+                    reason=abandoned,
                     topic=topic,
                     origin=origin,
                     attempts=deliveries - 1,

@@ -20,10 +20,14 @@ class Limits:
     Attributes:
         policy: handler attempts and backoff before an event is dead-lettered.
         max_event_size: the codec refuses (as malformed) received events bigger than this.
+        abandon_after: seconds after which a delivery no consumer settled goes to another
+            group member (JetStream's ``ack_wait``, Redis Streams' ``claim_idle``); None
+            keeps the backend's default.
     """
 
     policy: DeliveryPolicy
     max_event_size: int
+    abandon_after: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,13 @@ LIMITS = Limits(
 )
 """What `Backend.limited` is asked for: three attempts 50-200 ms apart, events up to 4 KiB."""
 
+ABANDONING = Limits(
+    policy=DeliveryPolicy(max_deliveries=2, backoff_initial=0.05, backoff_max=0.2),
+    max_event_size=DEFAULT_MAX_SIZE,
+    abandon_after=1.0,
+)
+"""For the abandoned-event test: two deliveries, each left to another member after 1 s."""
+
 PATIENT = Limits(
     policy=DeliveryPolicy(max_deliveries=20, backoff_initial=0.05, backoff_max=1.0),
     max_event_size=DEFAULT_MAX_SIZE,
@@ -236,6 +243,53 @@ class DurabilityConformance:
         assert _same_event(letter.raw, poison), letter.raw
         assert stats.dead_lettered == 1 and stats.redelivered >= budget - 1, stats
         assert_all_received([e.id for e in others], handled.ids)
+
+    async def test_event_every_member_died_on_is_dead_lettered_unhandled(
+        self, backend: Backend, prefix: str
+    ) -> None:
+        """An event whose consumers all died mid-handler (an event that crashes its process)
+        goes to another member until its deliveries are used up, then to the dead letters
+        without reaching yet another member, with the reason "without an ack"."""
+        caps = backend.capabilities
+        if not (caps.at_least_once and caps.competing_consumers):
+            pytest.skip(f"{backend.name} lacks at_least_once or competing_consumers")
+        limited, dead_letters = backend.limited, backend.dead_letters
+        if limited is None or dead_letters is None:
+            pytest.skip(f"{backend.name} gives no `limited` or `dead_letters` hook")
+        topic, group = prefix + "crashing", "workers"
+        poison = make_event(0)
+        taken: list[int] = []  # which member's handler got it, in order
+        arrived = asyncio.Event()
+
+        def dies_on_it(member: int) -> Callable[[Any], Awaitable[None]]:
+            async def handler(event: Any) -> None:
+                taken.append(member)
+                arrived.set()
+                await asyncio.Event().wait()  # never returns: its member dies meanwhile
+
+            return handler
+
+        budget = ABANDONING.policy.max_deliveries
+        async with AsyncExitStack() as stack:
+            members = [limited(ABANDONING) for _ in range(budget + 1)]
+            for n, member in enumerate(members):
+                await member.connect()
+                stack.push_async_callback(member.disconnect)
+                await member.subscribe(topic, dies_on_it(n), group=group)
+            pub = await _publisher(stack, backend, members[0])
+            await pub.publish(topic, poison)
+            for _ in range(budget):
+                async with asyncio.timeout(WITHIN):
+                    await arrived.wait()
+                arrived.clear()
+                await members[taken[-1]].disconnect()  # it dies while handling the event
+            (survivor,) = (m for n, m in enumerate(members) if n not in taken)
+            letters = await _stored_letters(survivor, dead_letters, topic, 1)
+        assert len(taken) == budget == len(set(taken)), taken
+        (letter,) = letters
+        assert "without an ack" in letter.reason, letter.reason
+        assert letter.attempts == budget, letter
+        assert _same_event(letter.raw, poison), letter.raw
 
     async def test_group_keeps_events_while_no_member_is_connected(
         self, backend: Backend, prefix: str

@@ -43,7 +43,10 @@ def nats_backend(kind: str, url: str) -> Backend:
 
     def limited(limits: Limits) -> Transport:
         codec = EventCodec(loom_event_class(), max_size=limits.max_event_size)
-        transport: Transport = make(dataclasses.replace(CONSUMER, policy=limits.policy), codec)
+        consumer = dataclasses.replace(CONSUMER, policy=limits.policy)
+        if limits.abandon_after is not None:
+            consumer = dataclasses.replace(consumer, ack_wait=limits.abandon_after)
+        transport: Transport = make(consumer, codec)
         return transport
 
     names = JetStreamTransport([url])  # never connected: subjects, streams, consumer names

@@ -42,7 +42,10 @@ def redis_backend(kind: str, url: str) -> Backend:
     def limited(limits: Limits) -> Transport:
         if kind == "redis-pubsub":  # at-most-once: no delivery policy
             return make(max_event_size=limits.max_event_size)
-        return make(max_event_size=limits.max_event_size, policy=limits.policy)
+        extra: dict[str, Any] = {}
+        if limits.abandon_after is not None:
+            extra["claim_idle"] = limits.abandon_after
+        return make(max_event_size=limits.max_event_size, policy=limits.policy, **extra)
 
     names = make()  # never connected: the wire names
 

@@ -103,3 +103,28 @@ async def test_supervisor_cancels_and_awaits_everything() -> None:
     assert supervisor.running == 0
     with pytest.raises(RuntimeError):
         supervisor.spawn(asyncio.sleep(0), name="late")
+
+
+async def test_a_mailbox_worker_starts_with_its_first_event() -> None:
+    """Subscribing starts no task: a backend that calls handlers in its own task (Redis
+    Streams, JetStream) would otherwise keep an idle worker per handler. The first event
+    starts the worker; order is kept; disconnecting stops it."""
+    from loom_ha._delivery import LocalDelivery
+
+    local = LocalDelivery("test", None)
+    got: list[int] = []
+
+    async def handler(event: Any) -> None:
+        got.append(event)
+
+    key, _ = local.add("a/b", handler, None)
+    assert local.tasks.running == 0
+    for n in range(3):
+        local.deliver(key, "a/b", n)
+    assert local.tasks.running == 1
+    async with asyncio.timeout(5):
+        while len(got) < 3:  # noqa: ASYNC110 - the worker has no completion signal
+            await asyncio.sleep(0)
+    assert got == [0, 1, 2]
+    await local.close()
+    assert local.tasks.running == 0

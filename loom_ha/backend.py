@@ -7,6 +7,7 @@ the modules behind them are private and may move.
 from __future__ import annotations
 
 from loom_ha._delivery import LocalDelivery
+from loom_ha._durable import DurableDelivery, Settlement
 from loom_ha._handlers import (
     DeliveryCounters,
     Handler,
@@ -20,9 +21,11 @@ from loom_ha._tasks import TaskSupervisor
 
 __all__ = [
     "DeliveryCounters",
+    "DurableDelivery",
     "Handler",
     "HandlerTable",
     "LocalDelivery",
+    "Settlement",
     "StateCell",
     "StateListener",
     "SubscriptionKey",

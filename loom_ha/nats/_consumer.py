@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,7 +24,8 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
 
-from loom_ha._handlers import DeliveryCounters, HandlerTable, SubscriptionKey, invoke
+from loom_ha._durable import DurableDelivery
+from loom_ha._handlers import DeliveryCounters, HandlerTable, SubscriptionKey
 from loom_ha._state import StateListener
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import LoomHAError, SerializationError, TransportError
@@ -92,10 +92,11 @@ class PullConsumer:
         self._outstanding = 0  # messages the open pull requests may still deliver
         self._refill_asked = False
         self._last_seen = 0.0  # loop time of the last message (data or status)
-        # Handlers that already succeeded on a message whose other handlers failed, by stream
-        # sequence: its redelivery runs only the failed ones. Not a dedup window (that is
-        # HATransport's): it is touched only after a failure, never on the hot path.
-        self._progress: OrderedDict[int, frozenset[int]] = OrderedDict()
+        # Not a dedup window (that is HATransport's): it keeps, by stream sequence, which
+        # handlers of a partly failed message succeeded; touched only after a failure.
+        self._delivery = DurableDelivery(
+            owner.table, owner.counters, progress_limit=owner.consumer_options.max_ack_pending
+        )
         self._inbox = ""
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -294,49 +295,24 @@ class PullConsumer:
             counters.malformed += 1
             reason = exc.reason if isinstance(exc, SerializationError) else str(exc)
             log.warning("consumer %s: malformed message: %s", self.name, reason)
-            await self._dead_letter(msg, reason, owner.topic_of(msg.subject), 0)
+            await self.dead_letter(msg, reason, owner.topic_of(msg.subject), 0)
             return
         if not key.pattern.matches(topic):
             counters.filtered += 1
             await _settle(msg.ack())
             return
-        recipients = owner.table.recipients(key, topic)
-        if not recipients:
-            # A group member without handlers (unsubscribing): let another member take it.
-            await _settle(msg.nak() if key.group is not None else msg.ack())
-            return
-        abandoned = owner.consumer_options.policy.abandoned(deliveries)
-        if abandoned is not None:
-            await self._dead_letter(msg, abandoned, topic, deliveries - 1)
-            return
-        done = self._progress.pop(sequence, None) if deliveries > 1 else None
-        if done:
-            recipients = [h for h in recipients if id(h) not in done]
-        failures: list[str] = []
-        succeeded: list[int] = []
-        for handler in recipients:
-            error = await invoke(handler, topic, event, counters)
-            if error is None:
-                succeeded.append(id(handler))
-            else:
-                failures.append(f"{type(error).__name__}: {error}")
-        if not failures:
-            await _settle(msg.ack())
-        elif owner.consumer_options.policy.exhausted(deliveries):
-            await self._dead_letter(msg, "; ".join(failures), topic, deliveries)
-        else:
-            if succeeded or done:
-                self._remember(sequence, (done or frozenset()).union(succeeded))
-            await _settle(msg.nak(delay=owner.consumer_options.policy.backoff(deliveries)))
+        settle = _MsgSettlement(self, msg, topic, key.group is not None)
+        await self._delivery.handle(
+            key,
+            topic,
+            event,
+            delivery=deliveries,
+            ident=sequence,
+            policy=owner.consumer_options.policy,
+            settle=settle,
+        )
 
-    def _remember(self, sequence: int, done: frozenset[int]) -> None:
-        """Record partial progress; bounded by what the server lets be unacked at once."""
-        progress = self._progress
-        progress[sequence] = done
-        if len(progress) > self.owner.consumer_options.max_ack_pending:
-            progress.popitem(last=False)
-
-    async def _dead_letter(self, msg: Msg, reason: str, topic: str, attempts: int) -> None:
+    async def dead_letter(self, msg: Msg, reason: str, topic: str, attempts: int) -> None:
         """Publish a dead letter, then ack; if that fails, nak so it is tried again later."""
         owner = self.owner
         origin = f"{owner.backend_name}:{owner.stream.name}:{self.name}"
@@ -345,6 +321,25 @@ class PullConsumer:
             await _settle(msg.ack())
         else:
             await _settle(msg.nak(delay=owner.consumer_options.policy.backoff_max))
+
+
+class _MsgSettlement:
+    """A JetStream message settled as `DurableDelivery` decided: ack, nak, dead letter."""
+
+    def __init__(self, consumer: PullConsumer, msg: Msg, topic: str, group: bool) -> None:
+        self._consumer, self._msg, self._topic, self._group = consumer, msg, topic, group
+
+    async def ack(self) -> None:
+        await _settle(self._msg.ack())
+
+    async def retry(self, delay: float) -> None:
+        await _settle(self._msg.nak(delay=delay))
+
+    async def dead_letter(self, reason: str, attempts: int) -> None:
+        await self._consumer.dead_letter(self._msg, reason, self._topic, attempts)
+
+    async def pass_on(self) -> None:
+        await _settle(self._msg.nak() if self._group else self._msg.ack())
 
 
 async def _settle(ack: Any) -> None:

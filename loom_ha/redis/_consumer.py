@@ -18,7 +18,8 @@ import time
 from typing import Any, Protocol
 
 from loom_ha._delivery import LocalDelivery
-from loom_ha._handlers import Handler, SubscriptionKey, invoke
+from loom_ha._durable import DurableDelivery
+from loom_ha._handlers import SubscriptionKey
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.policy import DeliveryPolicy
@@ -63,6 +64,43 @@ class StreamsOwner(Protocol):
 log = logging.getLogger("loom_ha.redis.streams")
 
 MAX_SEQUENCE = 2**64 - 1
+PROGRESS_LIMIT = 4096
+"""Entries per consumer whose partial progress (some handlers done) is remembered."""
+
+
+class _EntrySettlement:
+    """A stream entry settled as `DurableDelivery` decided: ack, retry here, dead letter."""
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        stream: bytes,
+        entry_id: bytes,
+        topic: str,
+        origin: str,
+        raw: bytes,
+    ) -> None:
+        self.consumer, self.stream, self.entry_id = consumer, stream, entry_id
+        self.topic, self.origin, self.raw = topic, origin, raw
+        self.retry_in: float | None = None  # set by retry(): the consumer delivers it again
+
+    async def ack(self) -> None:
+        self.consumer._ack(self.stream, self.entry_id)
+
+    async def retry(self, delay: float) -> None:
+        self.retry_in = delay
+
+    async def dead_letter(self, reason: str, attempts: int) -> None:
+        letter = DeadLetter(
+            reason=reason, topic=self.topic, origin=self.origin, attempts=attempts, raw=self.raw
+        )
+        await self.consumer.t.dead_letter(letter)
+        await self.ack()
+
+    async def pass_on(self) -> None:
+        """A group entry stays pending: another member reclaims it after `claim_idle`."""
+        if self.consumer.group is None:
+            await self.ack()
 
 
 def _text(value: Any) -> str:
@@ -84,6 +122,9 @@ class StreamConsumer:
         self._inflight: set[tuple[bytes, bytes]] = set()
         self._acks: dict[bytes, list[bytes]] = {}
         self._reader = WakeableReader()
+        self._delivery = DurableDelivery(
+            transport.local.table, transport.local.counters, progress_limit=PROGRESS_LIMIT
+        )
 
     @property
     def in_flight(self) -> int:
@@ -269,77 +310,48 @@ class StreamConsumer:
         if event is None:
             self._ack(stream, entry_id)
             return
-        abandoned = t.policy.abandoned(deliveries)
-        if abandoned is not None:
-            await t.dead_letter(
-                DeadLetter(
-                    reason=abandoned,
-                    topic=topic,
-                    origin=origin,
-                    attempts=deliveries - 1,
-                    raw=raw or b"",
-                )
+        settle = _EntrySettlement(self, stream, entry_id, topic, origin, raw or b"")
+        await self._deliver(settle, event, deliveries, around=self._reader.parked)
+        if settle.retry_in is not None:
+            self._inflight.add((stream, entry_id))
+            task = t.local.tasks.spawn(
+                self._retry(settle, event, deliveries), name=f"retry:{self.key.raw}"
             )
-            self._ack(stream, entry_id)
-            return
-        failed: list[tuple[Handler, BaseException]] = []
-        for handler in t.local.table.recipients(self.key, topic):
-            error = await self._reader.parked(invoke(handler, topic, event, t.local.counters))
-            if error is not None:
-                failed.append((handler, error))
-        if not failed:
-            self._ack(stream, entry_id)
-            return
-        self._inflight.add((stream, entry_id))
-        task = t.local.tasks.spawn(
-            self._retry(stream, entry_id, topic, event, raw or b"", failed, deliveries, origin),
-            name=f"retry:{self.key.raw}",
-        )
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
 
-    async def _retry(
-        self,
-        stream: bytes,
-        entry_id: bytes,
-        topic: str,
-        event: Any,
-        raw: bytes,
-        failed: list[tuple[Handler, BaseException]],
-        deliveries: int,
-        origin: str,
+    async def _deliver(
+        self, settle: _EntrySettlement, event: Any, deliveries: int, around: Any = None
     ) -> None:
-        """Retry each failed handler with backoff; dead-letter when its attempts are used up."""
-        t = self.t
+        settle.retry_in = None
+        await self._delivery.handle(
+            self.key,
+            settle.topic,
+            event,
+            delivery=deliveries,
+            ident=(settle.stream, settle.entry_id),
+            policy=self.t.policy,
+            settle=settle,
+            around=around,
+        )
+
+    async def _retry(self, settle: _EntrySettlement, event: Any, deliveries: int) -> None:
+        """Deliver the entry again after each backoff the pipeline asks for, keeping it ours
+        (the broker's delivery counter counts every attempt), until it is settled."""
         try:
-            for handler, first_error in failed:
-                count, error = deliveries, first_error
-                while True:
-                    if t.policy.exhausted(count):
-                        await t.dead_letter(
-                            DeadLetter(
-                                reason=f"{type(error).__name__}: {error}",
-                                topic=topic,
-                                origin=origin,
-                                attempts=count,
-                                raw=raw,
-                            )
-                        )
-                        break
-                    await asyncio.sleep(t.policy.backoff(count))
-                    checkpoint()
-                    count += 1
-                    if self.group is not None and not await self._claim(stream, entry_id, count):
-                        return  # acknowledged or taken over meanwhile: not ours anymore
-                    t.local.counters.redelivered += 1
-                    retry_error = await invoke(handler, topic, event, t.local.counters)
-                    if retry_error is None:
-                        break
-                    error = retry_error
-            if self.group is not None:
-                await self._xack(stream, [entry_id])
+            while settle.retry_in is not None:
+                await asyncio.sleep(settle.retry_in)
+                checkpoint()
+                deliveries += 1
+                if self.group is not None and not await self._claim(
+                    settle.stream, settle.entry_id, deliveries
+                ):
+                    return  # acknowledged or taken over meanwhile: not ours anymore
+                self.t.local.counters.redelivered += 1
+                await self._deliver(settle, event, deliveries)
+            await self._flush_acks()
         finally:
-            self._inflight.discard((stream, entry_id))
+            self._inflight.discard((settle.stream, settle.entry_id))
 
     async def _claim(self, stream: bytes, entry_id: bytes, count: int) -> bool:
         """Keep the entry ours and make the broker's delivery counter say `count`."""

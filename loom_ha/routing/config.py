@@ -6,6 +6,7 @@ LOOM_HA_BALANCER=p2c                       # round_robin | random | weighted |
 LOOM_HA_ATTEMPT_TIMEOUT=10                 # seconds before a request moves on
 LOOM_HA_INSTANCE_ID=api-1                  # this process's id (default host-pid)
 LOOM_HA_DEDUP_URL=redis://...              # shared dedup window of the serving side
+LOOM_HA_MAX_WATCHES=64                     # Consul: services one process may route to (32)
 """
 
 from __future__ import annotations
@@ -130,8 +131,25 @@ def balanced_from_env(
         options["instance_id"] = instance_id
     return BalancedTransport(
         inner,
-        open_registry(registry_url),
+        open_registry(registry_url, **_registry_options(env, registry_url)),
         attempt_timeout=attempt_timeout,
         dedup=_shared_dedup(env, transport_url, attempt_timeout),
         **options,
     )
+
+
+def _registry_options(env: Mapping[str, str], registry_url: str) -> dict[str, Any]:
+    """``LOOM_HA_MAX_WATCHES``: each routed-to service holds one Consul blocking query (one
+    connection); a process routing to more services than the default 32 raises it."""
+    text = env.get("LOOM_HA_MAX_WATCHES", "").strip()
+    if not text:
+        return {}
+    if not registry_url.lower().startswith(("consul://", "consul+https://")):
+        raise ConfigurationError("LOOM_HA_MAX_WATCHES applies to consul:// registries only")
+    try:
+        watches = int(text)
+    except ValueError:
+        raise ConfigurationError(f"LOOM_HA_MAX_WATCHES={text!r} is not a whole number") from None
+    if watches < 1:
+        raise ConfigurationError(f"LOOM_HA_MAX_WATCHES={text!r} must be >= 1")
+    return {"max_watches": watches}

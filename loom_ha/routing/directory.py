@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import ServiceInstance
-from loom_ha.errors import RegistryError
+from loom_ha.errors import ConfigurationError, RegistryError
 from loom_ha.retry import backoff_delay
 
 __all__ = ["InstanceDirectory"]
@@ -97,7 +97,18 @@ class InstanceDirectory:
         failures = 0
         told = ""
         while True:
-            watch = self.registry.watch(service)
+            try:
+                watch = self.registry.watch(service)
+            except ConfigurationError as exc:  # over max_watches: route it unrouted, loudly
+                failures += 1
+                if str(exc) != told:
+                    told = str(exc)
+                    log.error("cannot route to %s (sent to its broker group): %s", service, exc)
+                entry.ready.set()  # callers stop waiting: no instance known, go unrouted
+                if self.registry.closed:
+                    return
+                await asyncio.sleep(backoff_delay(failures + 1, cap=5.0))
+                continue
             try:
                 async for snapshot in watch:
                     failures, told = 0, ""

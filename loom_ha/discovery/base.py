@@ -52,6 +52,7 @@ class RegistryStatistics:
     closed: bool
     heartbeat_rounds: int = 0
     watched_services: int = 0
+    watch_failures: int = 0  # watch queries that got no answer (each logged once per outage)
 
 
 class ServiceRegistry(ABC):
@@ -329,6 +330,7 @@ class ServiceRegistry(ABC):
             closed=self._closed,
             heartbeat_rounds=sum(h.rounds for h in beats),
             watched_services=len(self._hub.feeds),
+            watch_failures=self._hub.failed_queries,
         )
 
     async def close(self, *, deregister: bool = True) -> None:

@@ -10,7 +10,8 @@ then retries with jittered backoff until it answers again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol, Self, TypeVar
 
 from loom_ha._tasks import TaskSupervisor
@@ -24,6 +25,8 @@ T = TypeVar("T")
 
 # Longest pause between two attempts while the backend is unreachable.
 _BACKOFF_CAP = 2.0
+
+log = logging.getLogger("loom_ha.discovery")
 
 
 class WatchSource(Protocol):
@@ -60,8 +63,11 @@ def next_index(previous: int, returned: int) -> int:
 class WatchFeed:
     """The query loop of one service, passing every change to the watches that follow it."""
 
-    def __init__(self, source: WatchSource, service: str) -> None:
+    def __init__(
+        self, source: WatchSource, service: str, on_failure: Callable[[], None] = lambda: None
+    ) -> None:
         self.service = service
+        self._on_failure = on_failure
         self.latest: ServiceSnapshot | None = None  # every instance, any health
         self.index = 0
         self.failures = 0
@@ -93,6 +99,9 @@ class WatchFeed:
                     )
                 except RegistryUnavailableError as exc:
                     self.failures += 1
+                    self._on_failure()
+                    if self.failures == 1:  # once per outage; the snapshot turns stale
+                        log.warning("watch of %s: %s (retrying)", self.service, exc)
                     # After an outage ask for a full answer: the backend may have been rebuilt.
                     self.index = 0
                     if self.latest is None or not self.latest.stale:
@@ -104,6 +113,8 @@ class WatchFeed:
                 except RegistryError as exc:
                     self.error = exc
                     return
+                if self.failures:
+                    log.info("watch of %s answers again", self.service)
                 self.failures = 0
                 self.index = next_index(self.index, index)
                 snap = source._remember(self.service, index, found)
@@ -132,6 +143,7 @@ class WatchHub:
     def __init__(self, source: WatchSource, tasks: TaskSupervisor, *, limit: int | None) -> None:
         self.feeds: dict[str, WatchFeed] = {}
         self.limit = limit
+        self.failed_queries = 0  # every watch query the registry did not answer
         self._source = source
         self._tasks = tasks
 
@@ -155,13 +167,16 @@ class WatchHub:
                     "blocking query, so raise max_watches only within the server's "
                     "per-client connection limit"
                 )
-            feed = self.feeds[service] = WatchFeed(self._source, service)
+            feed = self.feeds[service] = WatchFeed(self._source, service, self._failed)
             feed.task = self._tasks.spawn(feed.run(), name=f"watch:{service}")
         watch = Watch(self, feed, passing_only=passing_only)
         feed.watches.add(watch)
         if feed.latest is not None:
             watch._offer(feed.latest)
         return watch
+
+    def _failed(self) -> None:
+        self.failed_queries += 1
 
     async def release(self, watch: Watch) -> None:
         """`watch` ended; stop its feed when it was the last one."""

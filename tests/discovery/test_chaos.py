@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import time
@@ -205,9 +206,11 @@ async def test_agent_restart_every_instance_registers_again(
 
 
 async def test_consul_unreachable_serves_stale_then_resumes(
-    server_launcher: ServerLauncher, service: str
+    server_launcher: ServerLauncher, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """While Consul is frozen for 10 s, discovery serves the last snapshot marked stale."""
+    """While Consul is frozen for 10 s, discovery serves the last snapshot marked stale; the
+    unanswered watch queries are counted, and said once (not once per query)."""
+    caplog.set_level(logging.WARNING, logger="loom_ha.discovery")
     agent = await asyncio.to_thread(server_launcher.consul_agent)
     snaps: list[tuple[float, ServiceSnapshot]] = []
 
@@ -246,6 +249,9 @@ async def test_consul_unreachable_serves_stale_then_resumes(
         back_after = time.monotonic() - resumed
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
+        failures = registry.statistics().watch_failures
+    said = [r for r in caplog.records if r.getMessage().startswith(f"watch of {service}:")]
+    assert failures >= 2 and len(said) == 1, (failures, caplog.text)
     stale_snap = next(s for _, s in snaps if s.stale)
     assert stale_snap.ids == ["inst-0"] and stale_snap.error
     print(

@@ -30,20 +30,28 @@ class SubscriptionBook:
     (dedup wrapper) each was subscribed with on the inner transport."""
 
     def __init__(self) -> None:
-        self.wanted: list[Subscription] = []
+        # Dicts, not lists: a Loom client subscribes and unsubscribes a reply handler per call
+        # target, so every operation here is O(1) in the number of subscriptions.
+        self.wanted: dict[Subscription, None] = {}
         self._live: dict[Subscription, Handler] = {}
+        self._of_topic: dict[tuple[str, Handler], list[Subscription]] = {}  # wanted, per pair
+        self._holding: dict[Handler, int] = {}  # wanted or live subscriptions per handler
 
     def want(self, sub: Subscription) -> bool:
         """Record `sub`; False when it was already wanted."""
         if sub in self.wanted:
             return False
-        self.wanted.append(sub)
+        self.wanted[sub] = None
+        self._of_topic.setdefault((sub.topic, sub.handler), []).append(sub)
+        self._hold(sub.handler, +1)
         return True
 
     def unwant(self, topic: str, handler: Handler) -> list[Subscription]:
         """Stop wanting every subscription of `handler` to `topic`; returns them."""
-        gone = [s for s in self.wanted if s.topic == topic and s.handler == handler]
-        self.wanted = [s for s in self.wanted if s not in gone]
+        gone = self._of_topic.pop((topic, handler), [])
+        for sub in gone:
+            del self.wanted[sub]
+            self._hold(handler, -1)
         return gone
 
     def is_live(self, sub: Subscription) -> bool:
@@ -52,11 +60,20 @@ class SubscriptionBook:
 
     def holds(self, handler: Handler) -> bool:
         """True while `handler` is wanted or still live anywhere."""
-        return any(s.handler == handler for s in (*self.wanted, *self._live))
+        return handler in self._holding
+
+    def _hold(self, handler: Handler, change: int) -> None:
+        count = self._holding.get(handler, 0) + change
+        if count:
+            self._holding[handler] = count
+        else:
+            del self._holding[handler]
 
     async def attach(self, inner: Transport, sub: Subscription, wrapper: Handler) -> None:
         """Subscribe `sub` on `inner` through `wrapper`."""
         await inner.subscribe(sub.topic, wrapper, group=sub.group)
+        if sub not in self._live:
+            self._hold(sub.handler, +1)
         self._live[sub] = wrapper
 
     async def detach(self, inner: Transport, sub: Subscription) -> None:
@@ -64,7 +81,8 @@ class SubscriptionBook:
         wrapper = self._live.get(sub)
         if wrapper is not None:
             await inner.unsubscribe(sub.topic, wrapper)
-            self._live.pop(sub, None)
+            if self._live.pop(sub, None) is not None:
+                self._hold(sub.handler, -1)
 
     async def reconcile(
         self, inner: Transport, wrap: Callable[[Subscription], Handler]
@@ -82,9 +100,13 @@ class SubscriptionBook:
 
     def inner_replaced(self) -> None:
         """A new inner transport holds nothing yet."""
+        for sub in self._live:
+            self._hold(sub.handler, -1)
         self._live.clear()
 
     def clear(self) -> None:
         """Forget everything (the transport shut down)."""
         self.wanted.clear()
         self._live.clear()
+        self._of_topic.clear()
+        self._holding.clear()

@@ -5,9 +5,8 @@ uses, ``loom-ha-heartbeat`` with a TTL check; every instance is a service whose 
 check** follows that heartbeat (critical as soon as the process stops beating, Consul >=
 1.8), plus a status check while it reports something other than plain passing
 (`set_health`, a failing liveness probe). A heartbeat round is one request however many
-instances the process serves; discovery uses ``/v1/health/service`` with blocking queries,
-one per watched service, on a connection pool of its own.
-"""
+instances the process serves; discovery uses ``/v1/health/service`` blocking queries, one
+per watched service, on a connection pool of its own."""
 
 from __future__ import annotations
 
@@ -336,11 +335,12 @@ class ConsulRegistry(ServiceRegistry):
             known = await self._client("beats").agent.services(
                 filter_expr=f'Meta.{META_HEARTBEAT} == "{beat}"'
             )
-        known = known or {}
-        strays = [
+        known, ours = known or {}, {self.service_id(i) for i in instances}
+        strays = [  # not one of this round's own, deregistered meanwhile (close() races it)
             service_id
             for service_id, svc in known.items()
-            if (svc.get("Service"), (svc.get("Meta") or {}).get(META_INSTANCE))
+            if service_id not in ours
+            and (svc.get("Service"), (svc.get("Meta") or {}).get(META_INSTANCE))
             not in self._registrations
         ]
         if strays:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 import socket
 import ssl
 import urllib.error
@@ -34,8 +35,8 @@ RespValue = str | int | bytes | list["RespValue"] | None
 def free_port(*, udp: bool = False) -> int:
     """Return a TCP port on 127.0.0.1 that is free right now (and on UDP too if `udp`).
 
-    The port is released before returning, so a concurrent process may still take it;
-    the kernel hands out ephemeral ports in a spread-out order, which makes that rare.
+    The port is released before returning, so a concurrent process may still take it before
+    the server binds it; see `free_ports` for why that is rare.
     """
     return free_ports(1, udp=udp)[0]
 
@@ -43,24 +44,49 @@ def free_port(*, udp: bool = False) -> int:
 def free_ports(count: int, *, udp: bool = False) -> list[int]:
     """Return `count` distinct free ports on 127.0.0.1 (all held open until every one is picked).
 
+    Picked below the kernel's ephemeral range (`ip_local_port_range`) where there is one:
+    a port the kernel offers for ``bind(0)`` is also one it gives any outgoing connection
+    (of any process) meanwhile, and a server starting slowly on a loaded machine would then
+    find its port taken ("address already in use") and exit.
+
     Args:
         count: how many ports.
         udp: also require the same port number to be free for UDP (Consul's Serf gossip).
     """
+    low, high = _listening_range()
+    pick = random.Random()
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
+        tries = 0
         while len(ports) < count:
+            tries += 1
+            port = pick.randint(low, high) if low and tries < 1000 else 0
+            if port in ports:
+                continue
             tcp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            tcp.bind((LOCALHOST, 0))
+            try:
+                tcp.bind((LOCALHOST, port))
+            except OSError:
+                continue
             port = int(tcp.getsockname()[1])
             if udp:
                 probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
                 try:
                     probe.bind((LOCALHOST, port))
                 except OSError:
-                    continue  # keep the TCP socket open so the kernel will not offer it again
+                    continue  # keep the TCP socket open so this port is not offered again
             ports.append(port)
         return ports
+
+
+def _listening_range() -> tuple[int, int]:
+    """Ports below the ephemeral range, for servers; (0, 0) where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return (10_000, first - 1) if first > 12_000 else (0, 0)
 
 
 # A proxy from the environment (http_proxy) must never see loopback probes.

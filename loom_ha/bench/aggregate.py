@@ -35,10 +35,9 @@ from rich.table import Table
 
 from loom_ha._loop import LOOP_ENV, choose_loop
 from loom_ha.bench.core import Figures, Measure, compare
-from loom_ha.bench.discovery_scale import _Child, _cpu_seconds
-from loom_ha.bench.discovery_workers import _commands, _emit, _wait_for
 from loom_ha.bench.ha import default_path, with_options
 from loom_ha.bench.memory import loom_event_factory
+from loom_ha.bench.worker import Child, commands, cpu_seconds, emit, wait_for
 
 __all__ = ["AggregateRow", "aggregate_rows", "main", "render_aggregate", "run_aggregate"]
 
@@ -68,7 +67,7 @@ async def _worker(url: str, events: int, topic: str) -> None:
     """Subscribe, say ready, wait for go, publish `events` pipelined and count them back."""
     from loom_ha.event import loom_event_class
 
-    commands = await _commands()
+    inbox = await commands()
     make_event = loom_event_factory()
     transport = default_path(url, event_class=loom_event_class()).default()
     received, last = 0, 0.0
@@ -85,8 +84,8 @@ async def _worker(url: str, events: int, topic: str) -> None:
     try:
         await transport.subscribe(topic, count, group=GROUP.get(_mode_of(url)))
         batch = [(topic, make_event(i)) for i in range(events)]
-        _emit("ready")
-        if not await _wait_for(commands, "go"):
+        emit("ready")
+        if not await wait_for(inbox, "go"):
             return
         cpu_started, started = time.process_time(), time.monotonic()
         await transport.publish_many(batch)
@@ -98,7 +97,7 @@ async def _worker(url: str, events: int, topic: str) -> None:
                     await done.wait()
         cpu = time.process_time() - cpu_started
         end = last or started  # nothing delivered: an empty window
-        _emit("report", sent=events, delivered=received, start=started, end=end, cpu=cpu)
+        emit("report", sent=events, delivered=received, start=started, end=end, cpu=cpu)
     finally:
         await transport.disconnect()
 
@@ -121,22 +120,12 @@ class _Workers:
     """The worker processes of one run; `stop()` kills and awaits whichever still runs."""
 
     def __init__(self) -> None:
-        self.children: list[_Child] = []
+        self.children: list[Child] = []
 
     async def start(self, url: str, loop: str, events: int, topics: Sequence[str]) -> None:
         for topic in topics:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "loom_ha.bench.aggregate",
-                url,
-                loop,
-                str(events),
-                topic,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            self.children.append(_Child(proc))
+            child = await Child.start("loom_ha.bench.aggregate", url, loop, str(events), topic)
+            self.children.append(child)
 
     async def expect_all(self, event: str, timeout: float) -> list[dict[str, Any]]:
         async with asyncio.timeout(timeout):  # one deadline for all: the slowest decides
@@ -155,10 +144,7 @@ class _Workers:
                     raise RuntimeError(f"aggregate worker exit codes {codes}: see stderr")
 
     async def stop(self) -> None:
-        for child in self.children:
-            if child.proc.returncode is None:
-                child.proc.kill()
-        await asyncio.gather(*(c.proc.wait() for c in self.children))
+        await asyncio.gather(*(child.kill() for child in self.children))
 
 
 async def measure_run(
@@ -175,10 +161,10 @@ async def measure_run(
     try:
         await workers.start(url, loop, events, topics)
         await workers.expect_all("ready", READY_TIMEOUT)
-        broker_before = _cpu_seconds(broker_pid)
+        broker_before = cpu_seconds(broker_pid)
         workers.send_all("go")
         reports = await workers.expect_all("report", RUN_TIMEOUT)
-        broker_after = _cpu_seconds(broker_pid)
+        broker_after = cpu_seconds(broker_pid)
         await workers.finish(EXIT_TIMEOUT)
     finally:
         await workers.stop()

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
 import time
 import uuid
@@ -32,10 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 from loom_ha.bench.discovery_workers import PROBE, SERVICES
+from loom_ha.bench.worker import Child, cpu_seconds
 from loom_ha.discovery import ServiceInstance, open_registry
 
 __all__ = ["ScaleResult", "main", "render_scale", "run_scale", "scale_scenario"]
 
+WORKERS = "loom_ha.bench.discovery_workers"  # the module the worker processes run
 WATCHERS = 10
 
 
@@ -97,61 +97,6 @@ class ScaleResult:
         ]
 
 
-class _Child:
-    """A worker process speaking JSON lines on stdout, commands on stdin."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, *args: str) -> _Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "loom_ha.bench.discovery_workers",
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        return cls(proc)
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{command}\n".encode())
-
-    async def expect(self, event: str, timeout: float = 600.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"worker exited (code {await self.proc.wait()})")
-                message: dict[str, Any] = json.loads(line)
-                if message.get("event") == event:
-                    return message
-
-    async def finish(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                async with asyncio.timeout(60):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of process `pid` (and its reaped children), from /proc."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 async def scale_scenario(
     url: str,
     *,
@@ -166,12 +111,12 @@ async def scale_scenario(
     """Run one scenario (see the module docstring) against the registry at `url`."""
     prefix = f"scale-{uuid.uuid4().hex[:6]}"
     workers = [
-        await _Child.start(
-            "register", url, prefix, str(per_process), str(n * per_process), str(ttl)
+        await Child.start(
+            WORKERS, "register", url, prefix, str(per_process), str(n * per_process), str(ttl)
         )
         for n in range(processes)
     ]
-    followers: list[_Child] = []
+    followers: list[Child] = []
     try:
         for worker in workers:
             await worker.expect("started")
@@ -182,12 +127,12 @@ async def scale_scenario(
             await worker.expect("registered")
         register_s = time.perf_counter() - began
         watched = f"{prefix}-s0"
-        followers = [await _Child.start("watch", url, watched) for _ in range(watchers)]
+        followers = [await Child.start(WORKERS, "watch", url, watched) for _ in range(watchers)]
         for watcher in followers:
             await watcher.expect("ready")
 
         writes_before = _redis_sets(redis_info)
-        cpu_before = _cpu_seconds(server_pid)
+        cpu_before = cpu_seconds(server_pid)
         for worker in workers:
             worker.send("measure")
         start = time.monotonic()
@@ -196,7 +141,7 @@ async def scale_scenario(
         for worker in workers:
             worker.send("stop")
         reports = [await worker.expect("report") for worker in workers]
-        cpu_after = _cpu_seconds(server_pid)
+        cpu_after = cpu_seconds(server_pid)
         writes_after = _redis_sets(redis_info)
         for watcher in followers:
             watcher.send("stop")
@@ -206,9 +151,7 @@ async def scale_scenario(
         deregister_s = max(message["seconds"] for message in closed)
     finally:
         for child in (*workers, *followers):
-            if child.proc.stdin is not None and not child.proc.stdin.is_closing():
-                child.send("close")
-                child.proc.stdin.close()
+            child.close()
         for child in (*workers, *followers):
             await child.finish()
     requests: Counter[str] = Counter()

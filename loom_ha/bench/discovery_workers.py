@@ -8,40 +8,19 @@ one-word commands on stdin (``register``, ``measure``, ``stop``, ``close``).
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from loom_ha.bench.worker import commands, emit, wait_for
 from loom_ha.discovery import ServiceInstance, open_registry
 
 __all__ = ["PROBE", "SERVICES", "main"]
 
 SERVICES = 10  # instances are spread over this many services (Loom node types)
 PROBE = "probe"  # the instance the benchmark registers and deregisters in the watched service
-
-
-def _emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-
-async def _commands() -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-async def _wait_for(reader: asyncio.StreamReader, command: str) -> bool:
-    """Wait for `command`; False when told to close (or stdin closed) first."""
-    while True:
-        line = (await reader.readline()).strip().decode()
-        if line == command:
-            return True
-        if not line or line == "close":
-            return False
 
 
 def _request_kind(method: str, path: str) -> str:
@@ -66,11 +45,11 @@ async def _register_worker(url: str, prefix: str, count: int, offset: int, ttl: 
         trace = aiohttp.TraceConfig()
         trace.on_request_start.append(on_request)
         options["trace_configs"] = [trace]
-    commands = await _commands()
+    inbox = await commands()
     registry = open_registry(url, ttl=ttl, **options)
     try:
-        _emit("started")
-        if not await _wait_for(commands, "register"):
+        emit("started")
+        if not await wait_for(inbox, "register"):
             return
         instances = [
             ServiceInstance(
@@ -82,17 +61,17 @@ async def _register_worker(url: str, prefix: str, count: int, offset: int, ttl: 
             for n in range(offset, offset + count)
         ]
         await asyncio.gather(*(registry.register(i) for i in instances))
-        _emit("registered")
-        if not await _wait_for(commands, "measure"):
+        emit("registered")
+        if not await wait_for(inbox, "measure"):
             return
         before, stats, cpu = Counter(sent), registry.statistics(), time.process_time()
-        if not await _wait_for(commands, "stop"):
+        if not await wait_for(inbox, "stop"):
             return
         after = registry.statistics()
         requests = dict(sent - before)
         if not url.startswith("consul"):
             requests = {"pipelines": after.heartbeat_rounds - stats.heartbeat_rounds}
-        _emit(
+        emit(
             "report",
             requests=requests,
             failures=after.heartbeat_failures,
@@ -101,11 +80,11 @@ async def _register_worker(url: str, prefix: str, count: int, offset: int, ttl: 
     finally:
         began = time.perf_counter()
         await registry.close()
-        _emit("closed", seconds=time.perf_counter() - began)
+        emit("closed", seconds=time.perf_counter() - began)
 
 
 async def _watch_worker(url: str, service: str) -> None:
-    commands = await _commands()
+    inbox = await commands()
     seen: list[tuple[float, bool]] = []
     ready = asyncio.Event()
     async with open_registry(url) as registry:
@@ -120,10 +99,10 @@ async def _watch_worker(url: str, service: str) -> None:
         follower = asyncio.create_task(follow())
         try:
             await ready.wait()
-            _emit("ready")
+            emit("ready")
             cpu = time.process_time()
-            if await _wait_for(commands, "stop"):
-                _emit("report", seen=seen, cpu=time.process_time() - cpu)
+            if await wait_for(inbox, "stop"):
+                emit("report", seen=seen, cpu=time.process_time() - cpu)
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)

@@ -63,10 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _loop_flag(bench)
     bench.add_argument(
         "--transport",
-        choices=["memory", "redis", "nats", "balancing", "discovery", "all"],
+        choices=["memory", "redis", "nats", "balancing", "discovery", "loom-scale", "all"],
         default="memory",
     )
-    bench.add_argument("--url", default=None, help="broker URL (default: start a local server)")
+    bench.add_argument(
+        "--url",
+        default=None,
+        help="broker URL; registry URLs for discovery / loom-scale (default: start servers)",
+    )
     bench.add_argument(
         "--ha",
         action="store_true",
@@ -78,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=5, help="alternating runs of each side; medians shown (5)"
     )
     bench.add_argument(
-        "--duration", type=float, default=120.0, help="discovery: seconds measured (120)"
+        "--duration",
+        type=float,
+        default=120.0,
+        help="discovery, loom-scale: seconds measured (120)",
     )
     bench.add_argument(
         "--soak",
@@ -98,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="N publisher+consumer processes on one broker: aggregate events/s per mode",
+    )
+    bench.add_argument(
+        "--redis-parser",
+        choices=["hiredis", "python"],
+        default=None,
+        help="redis-py's parser for the whole run, raw clients too (default: hiredis if installed)",
     )
     chaos = sub.add_parser("chaos", help="kill a local broker under load and count every event")
     _loop_flag(chaos)
@@ -165,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and args.soak:
         from loom_ha.cli.bench import run_soak
 
+        if args.redis_parser is not None:
+            console.print("[red]--redis-parser applies to the bench rows, not to --soak[/]")
+            return 2
+
         return event_loop.run(
             run_soak(
                 console,
@@ -191,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 duration=args.duration,
                 processes=args.processes,
                 loop=args.loop,
+                redis_parser=args.redis_parser,
             )
         )
     if args.command == "chaos":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loom_ha.bench.core import BenchRow
@@ -53,15 +55,24 @@ async def run_bench(
     duration: float = 120.0,
     processes: int | None = None,
     loop: str | None = None,
+    redis_parser: str | None = None,
 ) -> int:
     """Measure and print; returns an exit code.
 
     Without `url`, Redis and NATS rows run against a server started here from the
     shipped launchers (loopback, temporary directory), stopped afterwards. With
     `processes`, the aggregate rows of `loom_ha.bench.aggregate` (on `loop`, else both).
+    `redis_parser` (hiredis, python; None: what is installed) is set for the whole run,
+    raw clients included, before redis-py is imported (see `loom_ha.bench.redis_parser`).
     """
     from loom_ha.bench.memory import codec_rows, memory_rows
 
+    if redis_parser is not None and (processes is not None or transport not in ("redis", "all")):
+        console.print(
+            f"[red]--redis-parser applies to the rows of --transport redis or all, not to "
+            f"--transport {transport}{' --processes' if processes is not None else ''}[/]"
+        )
+        return 2
     if processes is not None:
         from loom_ha.bench.aggregate import run_aggregate
 
@@ -87,18 +98,50 @@ async def run_bench(
         results = await run_scale(url.split(",") if url else None, duration=duration)
         render_scale(console, results, "loom-ha bench --transport discovery")
         return 0
+    if transport == "loom-scale":  # 500 routed Loom nodes; --url: registry URLs, consul, redis
+        from loom_ha.bench.loom_scale import render_loom_scale, run_loom_scale
+
+        registries = url.split(",") if url else ("consul", "redis")
+        scale = await run_loom_scale(registries, duration=duration, loop=loop)
+        render_loom_scale(console, scale, "loom-ha bench --transport loom-scale")
+        return 1 if any(r.lost for r in scale) else 0
     if ha:  # kept for old scripts: every row has its HATransport and bare figures now
         console.print("--ha: no longer needed; the '(bare backend)' rows are the HA breakdown")
     wanted = ("memory", "redis", "nats") if transport == "all" else (transport,)
+    setup = f"event loop: {_loop_name()}"
+    parsers: set[str] = set()
+    if "redis" in wanted:
+        from loom_ha.bench.redis_parser import use_redis_parser
+        from loom_ha.errors import ConfigurationError
+
+        try:
+            setup += f", redis parser: {use_redis_parser(redis_parser)}"
+        except ConfigurationError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]")
+            return 2
     rows = codec_rows()
     if "memory" in wanted:
         rows += await memory_rows(events, pings, rounds)
     if "redis" in wanted:
-        rows += await _with_server("redis", url, events, pings, rounds)
+        from loom_ha.bench.redis_parser import parsers_used
+
+        with parsers_used() as parsers:
+            rows += await _with_server("redis", url, events, pings, rounds)
     if "nats" in wanted:
         rows += await _with_server("nats", url, events, pings, rounds)
-    render(console, rows, f"loom-ha bench --transport {transport}")
+    render(console, rows, f"loom-ha bench --transport {transport} ({setup})")
+    if parsers:  # what redis-py's connections really got, not what was asked for
+        console.print(
+            f"redis-py parsers used by this run's connections: {', '.join(sorted(parsers))}"
+        )
     return 0
+
+
+def _loop_name() -> str:
+    """The kind of the running event loop, as the table's title names it."""
+    return (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
 
 
 async def _with_server(

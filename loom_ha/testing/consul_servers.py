@@ -71,6 +71,8 @@ class ConsulAgent(ServerProcess):
         acl: enforce ACLs (default policy deny); `management_token` then holds the token
             that may do anything (a random UUID unless given: every member of a cluster and
             its client agents share one). `api()` sends it; `create_token()` makes others.
+        hcl: more configuration, one HCL snippet per item (each a ``-hcl`` flag), e.g.
+            ``["limits { http_max_conns_per_client = 400 }"]``.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ConsulAgent(ServerProcess):
         log_level: str | None = None,
         acl: bool = False,
         management_token: str | None = None,
+        hcl: Sequence[str] = (),
     ) -> None:
         super().__init__(name=name, workdir=workdir, placement=placement)
         if not dev and bootstrap_expect is None and not retry_join:
@@ -108,6 +111,7 @@ class ConsulAgent(ServerProcess):
         self.retry_join = tuple(retry_join)
         self.ui = ui
         self.log_level = log_level
+        self.hcl = tuple(hcl)
         self.management_token: str | None = (management_token or str(uuid.uuid4())) if acl else None
 
     @property
@@ -201,6 +205,8 @@ class ConsulAgent(ServerProcess):
             argv.append("-ui")
         if self.log_level is not None:
             argv += ["-log-level", self.log_level]
+        for snippet in self.hcl:
+            argv += ["-hcl", snippet]
         if self.management_token is not None:
             argv += ["-hcl", _acl_hcl(self.management_token, server=not self.client)]
         for peer in self.retry_join:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from loom_ha._delivery import LocalDelivery
@@ -321,7 +322,11 @@ class StreamConsumer:
             task.add_done_callback(self._retries.discard)
 
     async def _deliver(
-        self, settle: _EntrySettlement, event: Any, deliveries: int, around: Any = None
+        self,
+        settle: _EntrySettlement,
+        event: Any,
+        deliveries: int,
+        around: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     ) -> None:
         settle.retry_in = None
         await self._delivery.handle(

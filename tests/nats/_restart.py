@@ -18,7 +18,8 @@ async def restart_and_reconnect(transport: Transport, server: NatsServer) -> Non
         if state is TransportState.CONNECTED and TransportState.RECONNECTING in seen:
             back.set()
 
-    remove = transport.add_state_listener(record)  # type: ignore[attr-defined]
+    remove = transport.add_state_listener(record)
+    assert remove is not None, "every loom-ha transport announces its state"
     try:
         await asyncio.to_thread(server.restart)
         async with asyncio.timeout(15):

@@ -23,40 +23,43 @@ async def test_memory_window_claims_once_and_releases() -> None:
 
 
 async def test_memory_window_is_bounded_in_time_and_size() -> None:
-    """Entries expire after ttl, and the oldest go first when the window is full."""
+    """Entries expire within two ttl, and a full window forgets its older generation."""
     window = MemoryDedup(ttl=0.05)
     assert await window.claim("a")
-    # asyncio.sleep never returns early, so the entry's deadline (claim + 0.05 s) has
-    # passed however late this resumes: no upper bound is involved.
-    await asyncio.sleep(0.06)
+    # asyncio.sleep never returns early, so two ttl (0.1 s) have passed since the claim
+    # however late this resumes: no upper bound is involved.
+    await asyncio.sleep(0.11)
     assert await window.claim("a")  # expired
 
     # Size alone, with a ttl no stall can reach: an eviction cannot be taken for an expiry.
-    window = MemoryDedup(ttl=600, max_entries=2)
+    window = MemoryDedup(ttl=600, max_entries=4)  # generations of 2 keys
+    for key in "abcd":
+        assert await window.claim(key)
+    assert not await window.claim("c")  # "a" and "b" went with their generation
+    assert window.size == 2
     assert await window.claim("a")
-    assert await window.claim("b")
-    assert await window.claim("c")  # evicts "a", the oldest
-    assert not await window.claim("c")
-    assert await window.claim("a")
+    assert window.size <= 4
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["claim", "release", "wait"]),
-            st.sampled_from("abcdef"),
+            st.sampled_from(["claim", "claim", "release", "wait"]),
+            st.sampled_from("abcdefgh"),
             st.floats(min_value=0.0, max_value=3.0),
         ),
-        max_size=60,
+        max_size=80,
     ),
-    max_entries=st.integers(min_value=1, max_value=4),
+    max_entries=st.integers(min_value=2, max_value=8),
 )
-def test_memory_window_matches_a_plain_model(
+def test_memory_window_keeps_its_promises(
     steps: list[tuple[str, str, float]], max_entries: int
 ) -> None:
-    """Expiry and eviction agree with the obvious model (a list of (key, deadline) in claim
-    order) whatever the interleaving: the hot path's cached oldest deadline is never late."""
+    """Whatever the interleaving, the window keeps what it documents: a key claimed less
+    than `ttl` ago, with fewer than `max_entries // 2` fresh claims since, is a duplicate; one
+    never claimed, released, or claimed `2 * ttl` ago or more is fresh; it never holds
+    more than `max_entries` keys."""
     now = [100.0]
     with pytest.MonkeyPatch.context() as patch:  # a clock the test moves, per example
         patch.setattr(dedup_module.time, "monotonic", lambda: now[0])
@@ -64,20 +67,31 @@ def test_memory_window_matches_a_plain_model(
 
 
 def _replay(steps: list[tuple[str, str, float]], max_entries: int, now: list[float]) -> None:
-    window = MemoryDedup(ttl=2.0, max_entries=max_entries)
-    model: list[tuple[str, float]] = []
+    ttl, capacity = 2.0, max_entries // 2
+    window = MemoryDedup(ttl=ttl, max_entries=max_entries)
+    claimed: dict[str, tuple[float, int]] = {}  # key -> (claim time, fresh claims up to it)
+    fresh_claims = 0
     for action, key, seconds in steps:
         if action == "wait":
             now[0] += seconds
         elif action == "release":
             asyncio.run(window.release(key))
-            model = [(k, d) for k, d in model if k != key]
+            claimed.pop(key, None)
         else:
-            model = [(k, d) for k, d in model if d > now[0]]
-            fresh = all(k != key for k, _ in model)
+            fresh = window.claim_nowait(key)
+            if key not in claimed:
+                assert fresh, ("never claimed or released", key)
+            else:
+                at, index = claimed[key]
+                since = fresh_claims - index  # fresh claims of other keys after it
+                if now[0] - at < ttl and since < capacity:
+                    assert not fresh, ("must remember", key, now[0] - at)
+                if now[0] - at >= 2 * ttl:
+                    assert fresh, ("must have forgotten", key, now[0] - at)
             if fresh:
-                model = [*model, (key, now[0] + 2.0)][-max_entries:]
-            assert window.claim_nowait(key) is fresh, (action, key, now[0], model)
+                fresh_claims += 1
+                claimed[key] = (now[0], fresh_claims)
+        assert window.size <= max_entries
 
 
 async def test_a_fan_out_handler_window_goes_with_its_last_subscription() -> None:

@@ -80,14 +80,14 @@ class MemoryDedup:
         """`claim` without a coroutine: the in-process window never waits (hot path)."""
         now = time.monotonic()
         if now >= self._rotate_at:
-            self._rotate(now)
+            self._expire(now)
         digest = hash(key)
         current = self._current
         if digest in current or digest in self._previous:
             return False
         current.add(digest)
         if len(current) >= self._capacity:
-            self._rotate(now)
+            self._shift(now + self.ttl)
         return True
 
     async def complete(self, key: str) -> None:
@@ -103,12 +103,19 @@ class MemoryDedup:
         """How many keys the window holds (at most `max_entries`)."""
         return len(self._current) + len(self._previous)
 
-    def _rotate(self, now: float) -> None:
-        # Past the previous generation's end as well: everything held is older than ttl.
-        stale = now >= self._rotate_at + self.ttl
-        self._previous = set() if stale else self._current
-        self._current = set()
-        self._rotate_at = now + self.ttl
+    def _expire(self, now: float) -> None:
+        """The current generation is `ttl` old: it becomes the previous one, on the same
+        time grid (a late claim must not stretch it), or both go when even the grid's next
+        step has passed (everything held is older than `ttl`)."""
+        if now >= self._rotate_at + self.ttl:
+            self._previous, self._current = set(), set()
+            self._rotate_at = now + self.ttl
+        else:
+            self._shift(self._rotate_at + self.ttl)
+
+    def _shift(self, rotate_at: float) -> None:
+        self._previous, self._current = self._current, set()
+        self._rotate_at = rotate_at
 
     async def close(self) -> None:
         self._current.clear()

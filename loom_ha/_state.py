@@ -1,7 +1,8 @@
 """StateCell: a transport's current state, its listeners, and a way to wait for CONNECTED.
 
 Every transport keeps its state in one (memory, Redis, NATS, HATransport), so state changes
-are announced the same way everywhere and no layer has to poll for them.
+are announced the same way everywhere and no layer has to poll for them; `CellTransport`
+gives a transport that owns its cell the state members that read it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from loom_ha.transport import StateListener, TransportState
+from typing_extensions import override
 
-__all__ = ["StateCell", "StateListener"]
+from loom_ha.transport import StateListener, Transport, TransportState
+
+__all__ = ["CellTransport", "StateCell", "StateListener"]
 
 log = logging.getLogger("loom_ha.state")
 
@@ -56,3 +59,24 @@ class StateCell:
     async def wait_connected(self) -> None:
         """Return once the state is CONNECTED."""
         await self._connected.wait()
+
+
+class CellTransport(Transport):
+    """A transport whose state lives in its own `StateCell`, ``self._cell``."""
+
+    _cell: StateCell
+
+    @property
+    def state(self) -> TransportState:
+        """The current state (also in `statistics()`), announced to every state listener."""
+        return self._cell.state
+
+    _state = state
+
+    @override
+    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
+        return self._cell.add_listener(listener)
+
+    @override
+    def _mark_closed(self) -> None:
+        self._cell.set(TransportState.CLOSED)

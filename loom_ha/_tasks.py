@@ -106,6 +106,31 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
         raise asyncio.CancelledError
 
 
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until `event` is set, for at most `timeout` seconds; True when it was set."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def honouring_cancel(awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`; raise `CancelledError` if this task was cancelled meanwhile.
+
+    Some callees swallow a cancellation that lands as they finish and return normally
+    (redis-py 8.1's asyncio client; Python 3.11's `asyncio.wait_for`, bpo-42130): the
+    cancelled task would go on. It still counts the request in `cancelling()`.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await awaitable
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
+
+
 async def finish_all(*steps: Callable[[], Awaitable[object]], owner: str = "loom_ha") -> None:
     """Run every clean-up step to its end, in order, even if the caller is cancelled meanwhile.
 

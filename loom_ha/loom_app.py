@@ -15,7 +15,7 @@ from uuid import uuid4
 from loom.api.main import LoomApp
 from loom.protocol.cloudevents import CloudEvent
 
-from loom_ha._tasks import finish_all
+from loom_ha._tasks import finish_all, honouring_cancel
 from loom_ha.errors import NodeError
 from loom_ha.tracing import operation
 
@@ -84,7 +84,8 @@ class HALoomApp(LoomApp):  # type: ignore[misc]  # loom ships no type informatio
             reply = route.expect(request_id, target)
             try:
                 await route.open(self.bus)
-                await _dispatch_honouring_cancel(self.dispatcher, event)
+                # Loom publishes through asyncio.wait_for, which may swallow a cancel (3.11).
+                await honouring_cancel(self.dispatcher.dispatch(event))
                 timeout = _timeout_of(event)
                 try:
                     async with asyncio.timeout(timeout):
@@ -172,20 +173,6 @@ class _ReplyRoute:
             future.set_exception(error)
         else:
             future.set_result(data.get("result"))
-
-
-async def _dispatch_honouring_cancel(dispatcher: Any, event: Any) -> None:
-    """`dispatcher.dispatch(event)`, but a cancellation that arrives meanwhile is raised.
-
-    Loom's `Dispatcher` publishes through `asyncio.wait_for`, which on Python 3.11 returns
-    normally when the cancel lands as the publish completes (CPython bpo-42130, fixed in
-    3.12): the cancelled call would go on waiting for its reply, up to the full timeout.
-    """
-    task = asyncio.current_task()
-    cancels = task.cancelling() if task is not None else 0
-    await dispatcher.dispatch(event)
-    if task is not None and task.cancelling() > cancels:
-        raise asyncio.CancelledError
 
 
 def _timeout_of(event: Any) -> float:

@@ -8,21 +8,18 @@ between the apps of a process instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
 from loom_ha._handlers import Handler
-from loom_ha._state import StateCell
+from loom_ha._state import CellTransport, StateCell
 from loom_ha.errors import TransportClosedError
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     Capabilities,
     GroupRule,
-    StateListener,
-    Transport,
     TransportState,
     TransportStatistics,
     loom_request_groups,
@@ -30,7 +27,7 @@ from loom_ha.transport import (
 )
 
 
-class InMemoryTransport(Transport):
+class InMemoryTransport(CellTransport):
     """In-process publish/subscribe with groups, ordered per handler and topic."""
 
     capabilities = Capabilities(
@@ -54,14 +51,6 @@ class InMemoryTransport(Transport):
         self._cell = StateCell("loom_ha.memory")
         self._local = LocalDelivery("loom_ha.memory", group_rule)
 
-    @property
-    def _state(self) -> TransportState:
-        return self._cell.state
-
-    @override
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        return self._cell.add_listener(listener)
-
     @override
     async def connect(self) -> None:
         if self._state is TransportState.CONNECTED:
@@ -81,10 +70,6 @@ class InMemoryTransport(Transport):
             return
         self._cell.set(TransportState.DISCONNECTED)
         await self._local.close()
-
-    @override
-    def _mark_closed(self) -> None:
-        self._cell.set(TransportState.CLOSED)
 
     @override
     async def publish(self, topic: str, event: Any) -> None:

@@ -17,7 +17,9 @@ from prometheus_client.registry import Collector
 
 from loom_ha.transport import Transport, TransportState
 
-_COUNTERS = (
+Rows = tuple[tuple[str, str], ...]  # (statistics field, help text)
+
+_COUNTERS: Rows = (
     ("published", "Events handed to the broker"),
     ("delivered", "Events a handler finished without error"),
     ("handler_errors", "Handler calls that raised"),
@@ -28,7 +30,7 @@ _COUNTERS = (
     ("reconnects", "Times the connection to the broker was re-established"),
     ("outbox_dropped", "Events a full drop_oldest outbox discarded"),
 )
-_GAUGES = (
+_GAUGES: Rows = (
     ("outbox_depth", "Publishes waiting for the broker"),
     ("queued", "Events waiting for a handler in this process"),
     ("subscriptions", "Live subscriptions"),
@@ -36,14 +38,14 @@ _GAUGES = (
 
 
 # Request routing (`BalancedTransport`), read from `statistics().extra` when present.
-_ROUTING_COUNTERS = (
+_ROUTING_COUNTERS: Rows = (
     ("routed", "Requests sent to an instance the balancer chose"),
     ("unrouted", "Requests sent to the broker group (no instance registered)"),
     ("retries", "Request attempts repeated on another instance"),
     ("attempt_timeouts", "Request attempts that got no reply in time"),
     ("abandoned", "Requests whose retry budget ran out"),
 )
-_ROUTING_GAUGES = (("in_flight", "Requests of this process waiting for a reply"),)
+_ROUTING_GAUGES: Rows = (("in_flight", "Requests of this process waiting for a reply"),)
 
 
 class TransportMetrics(Collector):
@@ -63,27 +65,21 @@ class TransportMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield one family per figure, with a sample per transport."""
         snapshots = {name: t.statistics() for name, t in self._transports.items()}
-        for field, doc in _COUNTERS:
-            family = CounterMetricFamily(f"loom_ha_{field}", doc, labels=["transport", "backend"])
-            for name, stats in snapshots.items():
-                family.add_metric([name, stats.backend], getattr(stats, field))
-            yield family
-        for field, doc in _GAUGES:
-            gauge = GaugeMetricFamily(f"loom_ha_{field}", doc, labels=["transport", "backend"])
-            for name, stats in snapshots.items():
-                gauge.add_metric([name, stats.backend], getattr(stats, field))
-            yield gauge
+        families = ((CounterMetricFamily, _COUNTERS), (GaugeMetricFamily, _GAUGES))
+        for family_type, rows in families:
+            for field, doc in rows:
+                family = family_type(f"loom_ha_{field}", doc, labels=["transport", "backend"])
+                for name, stats in snapshots.items():
+                    family.add_metric([name, stats.backend], getattr(stats, field))
+                yield family
         routing = {n: s.extra for n, s in snapshots.items() if s.extra and "routed" in s.extra}
-        for field, doc in _ROUTING_COUNTERS:
-            family = CounterMetricFamily(f"loom_ha_requests_{field}", doc, labels=["transport"])
-            for name, extra in routing.items():
-                family.add_metric([name], extra[field])
-            yield family
-        for field, doc in _ROUTING_GAUGES:
-            gauge = GaugeMetricFamily(f"loom_ha_requests_{field}", doc, labels=["transport"])
-            for name, extra in routing.items():
-                gauge.add_metric([name], extra[field])
-            yield gauge
+        families = ((CounterMetricFamily, _ROUTING_COUNTERS), (GaugeMetricFamily, _ROUTING_GAUGES))
+        for family_type, rows in families:
+            for field, doc in rows:
+                family = family_type(f"loom_ha_requests_{field}", doc, labels=["transport"])
+                for name, extra in routing.items():
+                    family.add_metric([name], extra[field])
+                yield family
         ejected = GaugeMetricFamily(
             "loom_ha_ejected",
             "1 while the balancer ejects the instance",

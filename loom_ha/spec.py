@@ -95,10 +95,6 @@ def _mode(broker: str, opts: TransportOptions) -> str:
     return _choice("mode", opts.mode, choices) if opts.mode else choices[0]
 
 
-def _policy(opts: TransportOptions) -> DeliveryPolicy | None:
-    return DeliveryPolicy(max_deliveries=opts.max_deliveries) if opts.max_deliveries else None
-
-
 REDIS_TOPIC_OPTIONS = {"pubsub_topics": "pubsub", "streams_topics": "streams"}
 """Redis URL options that route topic patterns to a mode (comma-separated or repeated)."""
 

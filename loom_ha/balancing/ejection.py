@@ -22,7 +22,7 @@ from loom_ha.balancing.base import (
     check_instances,
     positive,
 )
-from loom_ha.balancing.strategies import RoundRobin
+from loom_ha.balancing.strategies import _PRUNE_SLACK, RoundRobin
 from loom_ha.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["Ejector", "EjectorStatistics"]
 
 log = logging.getLogger("loom_ha.balancing")
-
-_PRUNE_SLACK = 64
 
 
 @dataclass(frozen=True, kw_only=True)

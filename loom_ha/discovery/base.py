@@ -14,10 +14,11 @@ import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, wait_event
 from loom_ha.discovery.heartbeat import Heartbeat, fan_out
 from loom_ha.discovery.instance import ServiceInstance, ServiceSnapshot, validate_name
 from loom_ha.discovery.probe import HealthCheck
@@ -73,8 +74,8 @@ class ServiceRegistry(ABC):
       ends every watch and leaves no task behind. Every method is safe to call concurrently.
 
     Implementing a backend: override `_put`, `_pulse`, `_remove`, `_query`, `_services` and
-    `_close` (and `_pulse_all` / `_remove_all` to batch); raise `RegistryUnavailableError`
-    for anything transient.
+    `_close` (and `_pulse_all` / `_remove_all` to batch); `_errors` turns the client's
+    errors into `RegistryUnavailableError` for anything transient.
     """
 
     backend: str = "registry"
@@ -185,6 +186,10 @@ class ServiceRegistry(ABC):
     @abstractmethod
     async def _close(self) -> None:
         """Release clients and sockets; in-flight queries may fail."""
+
+    def _errors(self) -> AbstractContextManager[None]:
+        """Translates the client's errors inside every backend call (see `_call`)."""
+        return nullcontext()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -404,7 +409,8 @@ class ServiceRegistry(ABC):
             raise
         try:
             async with asyncio.timeout(limit):
-                return await operation
+                with self._errors():
+                    return await operation
         except TimeoutError as exc:
             raise RegistryUnavailableError(
                 f"{self.backend} at {self.endpoint} did not answer within {limit:.1f}s"
@@ -422,11 +428,7 @@ class ServiceRegistry(ABC):
 
     async def _sleep_unless_closed(self, delay: float) -> None:
         """Sleep `delay` seconds, or less if the registry starts closing."""
-        try:
-            async with asyncio.timeout(delay):
-                await self._closing.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self._closing, delay)
 
 
 def check_times(*, ttl: float, interval: float | None) -> None:

@@ -187,6 +187,7 @@ class ConsulRegistry(ServiceRegistry):
             self._clients[pool] = client
         return client
 
+    @override
     def _errors(self) -> contextlib.AbstractContextManager[None]:
         """`map_consul_errors` for this registry (an ACL denial says whether a token was set)."""
         return map_consul_errors(self.endpoint, token=self.token is not None)
@@ -231,20 +232,17 @@ class ConsulRegistry(ServiceRegistry):
         }
         reported = reports(instance)
         try:
-            with self._errors():
-                await self._client().agent.service.register(
-                    instance.service,
-                    service_id=self.service_id(instance),
-                    address=host,
-                    port=port,
-                    tags=list(instance.tags),
-                    meta=meta,
-                    weights={"Passing": instance.weight, "Warning": 1},
-                    check=alive,
-                    extra_checks=[status_check(self.check_id(instance), instance)]
-                    if reported
-                    else [],
-                )
+            await self._client().agent.service.register(
+                instance.service,
+                service_id=self.service_id(instance),
+                address=host,
+                port=port,
+                tags=list(instance.tags),
+                meta=meta,
+                weights={"Passing": instance.weight, "Warning": 1},
+                check=alive,
+                extra_checks=[status_check(self.check_id(instance), instance)] if reported else [],
+            )
         except BaseException:
             # A request given up on (timeout) may still be applied: an agent wedged behind a
             # frozen Consul leader applies it when it recovers. The next round looks.
@@ -258,25 +256,23 @@ class ConsulRegistry(ServiceRegistry):
         checks = self._client(pool).agent.check
         if not reports(instance):
             # Passing, nothing to say: the alias check says it all, the status check goes.
-            with self._errors():
-                await checks.deregister(self.check_id(instance))
+            await checks.deregister(self.check_id(instance))
             return True
         if await self._set_status(instance, pool):
             return True
-        with self._errors():
-            try:  # its first report: add the status check to the instance's service
-                definition = status_check(self.check_id(instance), instance)
-                await checks.register(
-                    definition.pop("Name"),
-                    check=definition,  # this endpoint names the id "ID", not "CheckID"
-                    check_id=definition.pop("CheckID"),
-                    service_id=self.service_id(instance),
-                )
-            except ConsulException as exc:
-                if "does not exist" not in str(exc):
-                    raise
-                self._beating.discard(self.heartbeat_id(ttl))  # the agent forgot: maybe all
-                return False
+        try:  # its first report: add the status check to the instance's service
+            definition = status_check(self.check_id(instance), instance)
+            await checks.register(
+                definition.pop("Name"),
+                check=definition,  # this endpoint names the id "ID", not "CheckID"
+                check_id=definition.pop("CheckID"),
+                service_id=self.service_id(instance),
+            )
+        except ConsulException as exc:
+            if "does not exist" not in str(exc):
+                raise
+            self._beating.discard(self.heartbeat_id(ttl))  # the agent forgot: maybe all
+            return False
         return await self._set_status(instance, pool)
 
     async def _set_status(self, instance: ServiceInstance, pool: str) -> bool:
@@ -316,9 +312,10 @@ class ConsulRegistry(ServiceRegistry):
             forgotten = await self._reconcile(beat, instances)
         lost = {self.service_id(i) for i in forgotten}
 
-        async def report(instance: ServiceInstance) -> None:
-            if not await self._pulse(instance, ttl, pool="beats"):
-                forgotten.append(instance)
+        async def report(instance: ServiceInstance) -> None:  # in a task of its own: map here
+            with self._errors():
+                if not await self._pulse(instance, ttl, pool="beats"):
+                    forgotten.append(instance)
 
         failed = await fan_out([i for i in changed if self.service_id(i) not in lost], report)
         if failed:
@@ -331,10 +328,9 @@ class ConsulRegistry(ServiceRegistry):
         """Those of `instances` (all bound to `beat`) the agent does not have; and remove
         from the agent what is bound to `beat` but registered by no one here (a
         registration that raised, yet reached the agent: it would stay passing)."""
-        with self._errors():
-            known = await self._client("beats").agent.services(
-                filter_expr=f'Meta.{META_HEARTBEAT} == "{beat}"'
-            )
+        known = await self._client("beats").agent.services(
+            filter_expr=f'Meta.{META_HEARTBEAT} == "{beat}"'
+        )
         known, ours = known or {}, {self.service_id(i) for i in instances}
         strays = [  # not one of this round's own, deregistered meanwhile (close() races it)
             service_id
@@ -347,16 +343,14 @@ class ConsulRegistry(ServiceRegistry):
             log.warning("removing %d instance(s) whose registration raised", len(strays))
         # A few per round, so that the round stays inside its deadline; the rest next round.
         for service_id in strays[:_STRAYS_PER_ROUND]:
-            with self._errors():
-                await self._client("beats").agent.service.deregister(service_id)
+            await self._client("beats").agent.service.deregister(service_id)
         if len(strays) <= _STRAYS_PER_ROUND:
             self._unsure.discard(beat)
         return [i for i in instances if self.service_id(i) not in known]
 
     @override
     async def _remove(self, instance: ServiceInstance) -> None:
-        with self._errors():
-            await self._client().agent.service.deregister(self.service_id(instance))
+        await self._client().agent.service.deregister(self.service_id(instance))
 
     @override
     async def _remove_all(self, instances: Sequence[ServiceInstance]) -> None:
@@ -366,8 +360,7 @@ class ConsulRegistry(ServiceRegistry):
         finally:
             beats, self._beating = sorted(self._beating), set()
             for beat in beats:
-                with self._errors():
-                    await self._call(self._client().agent.service.deregister(beat), self.timeout)
+                await self._call(self._client().agent.service.deregister(beat), self.timeout)
 
     @override
     async def _query(
@@ -377,17 +370,15 @@ class ConsulRegistry(ServiceRegistry):
         if service not in self._readable:  # once: Consul hides what a token may not read
             await check_readable(client, self.endpoint, service, token=self.token is not None)
             self._readable.add(service)
-        with self._errors():
-            raw_index, nodes = await client.health.service(
-                service, index=index or None, wait=duration(wait) if index else None
-            )
+        raw_index, nodes = await client.health.service(
+            service, index=index or None, wait=duration(wait) if index else None
+        )
         found = [i for i in (parse_entry(service, n) for n in nodes or ()) if i is not None]
         return int(raw_index), found
 
     @override
     async def _services(self) -> list[str]:
-        with self._errors():
-            _, services = await self._client().catalog.services()
+        _, services = await self._client().catalog.services()
         return [name for name in services or {} if name not in ("consul", HEARTBEAT_SERVICE)]
 
     @override
@@ -403,9 +394,8 @@ class ConsulRegistry(ServiceRegistry):
         reads) only syncs output-only changes every ``check_update_interval`` (5 min).
         """
         self._check_open()
-        with self._errors():
-            checks = await self._call(self._client().agent.checks(), self.timeout)
-            services = await self._call(self._client().agent.services(), self.timeout)
+        checks = await self._call(self._client().agent.checks(), self.timeout)
+        services = await self._call(self._client().agent.services(), self.timeout)
         return heartbeat_times(checks or {}, services or {})
 
     async def _ensure_heartbeat(self, ttl: float, pool: str = "calls") -> str:
@@ -425,10 +415,9 @@ class ConsulRegistry(ServiceRegistry):
                 "Notes": f"heartbeat every <= {ttl / 3:.3g}s for every instance of the process",
             }
             meta = {"process": self.process_id, "pid": str(os.getpid())}
-            with self._errors():
-                await self._client(pool).agent.service.register(
-                    HEARTBEAT_SERVICE, service_id=beat, meta=meta, check=check
-                )
+            await self._client(pool).agent.service.register(
+                HEARTBEAT_SERVICE, service_id=beat, meta=meta, check=check
+            )
             # A check is registered without output: write the first beat's time now.
             await self._beat(beat, 0)
             self._beating.add(beat)

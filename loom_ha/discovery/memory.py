@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from typing_extensions import override
 
+from loom_ha._tasks import wait_event
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import Health, ServiceInstance
 
@@ -118,12 +119,7 @@ class MemoryStore:
 
     async def wait_changed(self, limit: float) -> None:
         """Wait until any change (or `limit` seconds)."""
-        changed = self._changed
-        try:
-            async with asyncio.timeout(max(0.0, limit)):
-                await changed.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self._changed, max(0.0, limit))
 
 
 class MemoryRegistry(ServiceRegistry):

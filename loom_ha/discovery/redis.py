@@ -13,17 +13,17 @@ polling needs no ``CONFIG SET`` (often forbidden on managed Redis), and Redis em
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from typing_extensions import override
 
 from loom_ha._redact import without_credentials
+from loom_ha._tasks import honouring_cancel
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import Health, ServiceInstance
 from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailableError
@@ -31,7 +31,6 @@ from loom_ha.errors import ConfigurationError, RegistryError, RegistryUnavailabl
 __all__ = ["RedisRegistry"]
 
 _SCHEMES = ("redis", "rediss", "unix")
-T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -50,22 +49,6 @@ def map_redis_errors(endpoint: str) -> Iterator[None]:
         raise RegistryUnavailableError(f"redis at {endpoint} unavailable: {exc}") from exc
     except redis.exceptions.RedisError as exc:
         raise RegistryError(f"redis at {endpoint} refused: {exc}") from exc
-
-
-async def _uncancellable_guard(operation: Awaitable[T]) -> T:
-    """Await a redis-py call, re-raising a cancellation the client swallowed.
-
-    redis-py 8.1's asyncio client sometimes catches the CancelledError of a task cancelled
-    in the middle of a command and returns normally; the task would then never stop (a
-    watch task or a TaskGroup would hang). The task still counts the request in
-    `cancelling()`, so a cancellation that arrived during the call is raised here.
-    """
-    task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
-    result = await operation
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
-    return result
 
 
 class RedisRegistry(ServiceRegistry):
@@ -140,23 +123,21 @@ class RedisRegistry(ServiceRegistry):
         self._versions: dict[str, tuple[tuple[object, ...], int]] = {}
         self._last_index = 1
 
+    @override
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return map_redis_errors(self.endpoint)
+
     def key(self, instance: ServiceInstance) -> str:
         """The Redis key of `instance`."""
         return f"{self.prefix}:{instance.service}:{instance.instance_id}"
 
     @override
     async def _put(self, instance: ServiceInstance, ttl: float) -> None:
-        with map_redis_errors(self.endpoint):
-            await _uncancellable_guard(
-                self._redis.set(self.key(instance), _encode(instance), px=_ms(ttl))
-            )
+        await honouring_cancel(self._redis.set(self.key(instance), _encode(instance), px=_ms(ttl)))
 
     @override
     async def _pulse(self, instance: ServiceInstance, ttl: float) -> bool:
-        with map_redis_errors(self.endpoint):
-            done = await self._redis.set(
-                self.key(instance), _encode(instance), px=_ms(ttl), xx=True
-            )
+        done = await self._redis.set(self.key(instance), _encode(instance), px=_ms(ttl), xx=True)
         return bool(done)
 
     @override
@@ -173,24 +154,21 @@ class RedisRegistry(ServiceRegistry):
         pipe = self._redis.pipeline(transaction=False)
         for instance in instances:
             pipe.set(self.key(instance), _encode(instance), px=_ms(ttl), xx=True)
-        with map_redis_errors(self.endpoint):
-            done = await _uncancellable_guard(pipe.execute())
+        done = await honouring_cancel(pipe.execute())
         return [i for i, ok in zip(instances, done, strict=True) if not ok]
 
     @override
     async def _remove(self, instance: ServiceInstance) -> None:
-        with map_redis_errors(self.endpoint):
-            await _uncancellable_guard(self._redis.delete(self.key(instance)))
+        await honouring_cancel(self._redis.delete(self.key(instance)))
 
     @override
     async def _remove_all(self, instances: Sequence[ServiceInstance]) -> None:
         if not instances:
             return
-        with map_redis_errors(self.endpoint):
-            await self._call(
-                _uncancellable_guard(self._redis.delete(*(self.key(i) for i in instances))),
-                self.timeout,
-            )
+        await self._call(
+            honouring_cancel(self._redis.delete(*(self.key(i) for i in instances))),
+            self.timeout,
+        )
 
     @override
     async def _query(
@@ -209,9 +187,8 @@ class RedisRegistry(ServiceRegistry):
     @override
     async def _services(self) -> list[str]:
         names: set[str] = set()
-        with map_redis_errors(self.endpoint):
-            for key in await _uncancellable_guard(self._scan(f"{self.prefix}:*")):
-                names.add(key[len(self.prefix) + 1 :].split(":", 1)[0])
+        for key in await honouring_cancel(self._scan(f"{self.prefix}:*")):
+            names.add(key[len(self.prefix) + 1 :].split(":", 1)[0])
         return list(names)
 
     @override
@@ -219,9 +196,8 @@ class RedisRegistry(ServiceRegistry):
         await self._redis.aclose()
 
     async def _read(self, service: str) -> list[ServiceInstance]:
-        with map_redis_errors(self.endpoint):
-            keys = await _uncancellable_guard(self._scan(f"{self.prefix}:{service}:*"))
-            values = await _uncancellable_guard(self._redis.mget(keys)) if keys else []
+        keys = await honouring_cancel(self._scan(f"{self.prefix}:{service}:*"))
+        values = await honouring_cancel(self._redis.mget(keys)) if keys else []
         # A key may expire between SCAN and MGET: its value is then None.
         decoded = (_decode(v) for v in values if v is not None)
         return [i for i in decoded if i is not None]

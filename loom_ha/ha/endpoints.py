@@ -12,7 +12,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, wait_event
 from loom_ha.errors import ConfigurationError, ConnectionLostError
 from loom_ha.transport import StateListener, Transport, TransportState
 
@@ -111,9 +111,7 @@ async def follow_reconnect(inner: Transport, wait: float) -> None:
             left = deadline - loop.time()
             if state in DEAD_INNER or left <= 0:
                 raise ConnectionLostError(f"inner transport is {state.value}")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left if remove is not None else min(left, 0.05)):
-                    await changed.wait()
+            await wait_event(changed, left if remove is not None else min(left, 0.05))
     finally:
         if remove is not None:
             remove()

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from typing_extensions import override
 
 from loom_ha._handlers import Handler
-from loom_ha._state import StateCell, StateListener
+from loom_ha._state import CellTransport, StateCell
 from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import (
     ConnectionLostError,
@@ -50,6 +50,7 @@ from loom_ha.transport import (
     TransportState,
     TransportStatistics,
     require_connected,
+    require_usable,
 )
 
 log = logging.getLogger("loom_ha.ha")
@@ -58,7 +59,6 @@ _CONNECTED, _RECONNECTING = TransportState.CONNECTED, TransportState.RECONNECTIN
 PUBLISH_CHUNK = 256
 """Events per inner `publish_many` call: within one round trip of every backend (Redis
 pipelines 512), so a chunk the broker failed on is retried like one publish."""
-_LIVE_INNER = (TransportState.CONNECTED,)
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -66,7 +66,7 @@ def _broker_failure(exc: BaseException) -> bool:
     return isinstance(exc, TransientError | FailoverExhaustedError)
 
 
-class HATransport(Transport):
+class HATransport(CellTransport):
     """A transport that survives broker failures; see the module docstring.
 
     Args:
@@ -107,20 +107,9 @@ class HATransport(Transport):
     # -- state ---------------------------------------------------------------------------
 
     @property
-    def state(self) -> TransportState:
-        """The current state (see `TransportState`)."""
-        return self._cell.state
-
-    _state = state
-
-    @property
     def inner(self) -> Transport:
         """The transport currently in use (changes on endpoint failover)."""
         return self._inner
-
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        """Call `listener(new_state)` on every change; returns a function that removes it."""
-        return self._cell.add_listener(listener)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the state is CONNECTED (after a reconnect, say)."""
@@ -283,8 +272,7 @@ class HATransport(Transport):
         for start in range(0, len(batch), PUBLISH_CHUNK):
             chunk = batch[start : start + PUBLISH_CHUNK]
             state = self._cell.state
-            if state is not _CONNECTED and state is not _RECONNECTING:
-                require_connected(state, "ha")
+            require_usable(state, "ha")
             if state is _CONNECTED and not self._outbox.depth:
                 try:
                     await self._inner.publish_many(chunk)
@@ -301,8 +289,7 @@ class HATransport(Transport):
     @override
     async def subscribe(self, topic: str, handler: Handler, *, group: str | None = None) -> None:
         """Subscribe now; while reconnecting, recorded and made live before replays resume."""
-        if self._state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
-            require_connected(self._state, "ha")
+        require_usable(self._state, "ha")
         parse_pattern(topic)
         sub = Subscription(topic, handler, group)
         if not self._book.want(sub):

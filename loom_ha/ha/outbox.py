@@ -65,8 +65,6 @@ class Outbox:
         self._entries: deque[_Entry] = deque()
         self._space_waiters: deque[asyncio.Future[None]] = deque()
         self.dropped = 0
-        self.replayed = 0
-        self.failed = 0
 
     @property
     def depth(self) -> int:
@@ -151,10 +149,8 @@ class Outbox:
                 # This event can never be sent (it is not the broker's fault): give its
                 # publisher the error and go on with the others.
                 self._finish(entry, exc)
-                self.failed += 1
                 continue
             self._finish(entry, None)
-            self.replayed += 1
 
     def _finish(self, entry: _Entry, error: Exception | None) -> None:
         if self._entries and self._entries[0] is entry:

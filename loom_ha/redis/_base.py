@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from typing_extensions import override
 
 from loom_ha._delivery import LocalDelivery
-from loom_ha._state import StateCell
+from loom_ha._state import CellTransport, StateCell
 from loom_ha.deadletter import DEAD_LETTER_CODEC, DeadLetter
 from loom_ha.errors import (
     ConfigurationError,
@@ -28,8 +28,6 @@ from loom_ha.retry import ONCE, within
 from loom_ha.topics import validate_topic
 from loom_ha.transport import (
     GroupRule,
-    StateListener,
-    Transport,
     TransportState,
     TransportStatistics,
     loom_request_groups,
@@ -47,10 +45,53 @@ PIPELINE_BATCH = 512
 Encoded = tuple[str, bytes]  # (topic, the event's wire bytes)
 
 
-class RedisTransportBase(Transport):
-    """Connection lifecycle and the client-side half shared by the Pub/Sub and Streams modes."""
+class RedisLifecycle(CellTransport):
+    """`connect()` of a Redis transport: one mode (`RedisTransportBase`), or the modes of a
+    `RedisTransport` on one connector."""
 
     backend: ClassVar[str]
+    _state_lock: asyncio.Lock
+    _connector: RedisConnector | None
+
+    @property
+    def connector(self) -> RedisConnector:
+        """The live connector (only while connected)."""
+        assert self._connector is not None, "not connected"
+        return self._connector
+
+    @override
+    async def connect(self) -> None:
+        """Connect to the master (found through Sentinel if configured); idempotent.
+
+        Raises:
+            ConnectionLostError: no master answered within `connect_timeout` (transient).
+            TransportError: credentials refused.
+        """
+        if self._connected():
+            return
+        async with self._state_lock:
+            if self._connected():  # another task connected while we waited
+                return
+            if self._state is TransportState.CLOSED:
+                raise TransportClosedError(f"{self.backend} transport is closed")
+            self._cell.set(TransportState.CONNECTING)
+            try:
+                await self._start()
+            except BaseException:
+                self._cell.set(TransportState.DISCONNECTED)
+                raise
+
+    @abstractmethod
+    async def _start(self) -> None:
+        """Find the master and start on it (inside `connect()`, state CONNECTING)."""
+
+    def _connected(self) -> bool:
+        """Connected, or reconnecting by itself (connect() has nothing to do)."""
+        return self._state in (TransportState.CONNECTED, TransportState.RECONNECTING)
+
+
+class RedisTransportBase(RedisLifecycle):
+    """Connection lifecycle and the client-side half shared by the Pub/Sub and Streams modes."""
 
     def __init__(
         self,
@@ -108,20 +149,6 @@ class RedisTransportBase(Transport):
         self._connector: RedisConnector | None = None
         self._unwatch: Callable[[], None] | None = None  # removes our connector health listener
 
-    @property
-    def _state(self) -> TransportState:
-        return self._cell.state
-
-    @property
-    def state(self) -> TransportState:
-        """The current state (also in `statistics()`): RECONNECTING while the master, or a
-        connection this mode needs, is being found again; announced to state listeners."""
-        return self._cell.state
-
-    @override
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        return self._cell.add_listener(listener)
-
     def _health_changed(self, _: bool = True) -> None:
         """Announce CONNECTED <-> RECONNECTING when the master or this mode's own connection
         (Pub/Sub's listener) went away or came back."""
@@ -131,35 +158,11 @@ class RedisTransportBase(Transport):
         elif state is TransportState.RECONNECTING and self._healthy():
             self._cell.set(TransportState.CONNECTED)
 
-    @property
-    def connector(self) -> RedisConnector:
-        """The live connector (only while connected)."""
-        assert self._connector is not None, "not connected"
-        return self._connector
-
     # -- lifecycle -------------------------------------------------------------------------------
 
     @override
-    async def connect(self) -> None:
-        """Connect to the master (found through Sentinel if configured); idempotent.
-
-        Raises:
-            ConnectionLostError: no master answered within `connect_timeout` (transient).
-            TransportError: credentials refused.
-        """
-        if self._connected():
-            return
-        async with self._state_lock:
-            if self._connected():  # another task connected while we waited
-                return
-            if self._state is TransportState.CLOSED:
-                raise TransportClosedError(f"{self.backend} transport is closed")
-            self._cell.set(TransportState.CONNECTING)
-            try:
-                await start_modes([self])  # a single mode owns the connector it runs on
-            except BaseException:
-                self._cell.set(TransportState.DISCONNECTED)
-                raise
+    async def _start(self) -> None:
+        await start_modes([self])  # a single mode owns the connector it runs on
 
     @override
     async def disconnect(self) -> None:
@@ -170,10 +173,6 @@ class RedisTransportBase(Transport):
         finally:
             if connector is not None:
                 await connector.close()
-
-    @override
-    def _mark_closed(self) -> None:
-        self._cell.set(TransportState.CLOSED)
 
     # -- running on a connector (RedisTransport shares one between its modes) ---------------------
 
@@ -357,10 +356,6 @@ class RedisTransportBase(Transport):
         if not self.capabilities.competing_consumers:  # Pub/Sub: every subscriber gets it
             return None
         return self.local.resolve_group(pattern, group)
-
-    def _connected(self) -> bool:
-        """Connected, or reconnecting by itself (connect() has nothing to do)."""
-        return self._state in (TransportState.CONNECTED, TransportState.RECONNECTING)
 
     def _healthy(self) -> bool:
         return self._connector is not None and self._connector.healthy

@@ -19,21 +19,16 @@ from redis.asyncio.connection import AbstractConnection, Connection, ConnectionP
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from loom_ha._handlers import raise_swallowed_cancellation
 from loom_ha.redis.url import RedisSettings
 
 Address = tuple[str, int]
 
 
-def checkpoint() -> None:
-    """Re-raise a cancellation that was swallowed below us.
-
-    redis-py 8.1 on Python 3.11 sometimes returns a reply to a task that was
-    cancelled meanwhile (about 1 in 40 cancels of a blocked read, measured), so
-    a loop that only awaited redis-py would never stop. Every loop calls this.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+# Every redis loop calls it: redis-py 8.1 on Python 3.11 sometimes returns a reply to a task
+# cancelled meanwhile (about 1 in 40 cancels of a blocked read, measured), so a loop that only
+# awaited redis-py would never stop.
+checkpoint = raise_swallowed_cancellation
 
 
 async def execute(client: Any, *args: Any) -> Any:

@@ -24,7 +24,7 @@ from loom_ha._handlers import SubscriptionKey
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, TransportError
 from loom_ha.policy import DeliveryPolicy
-from loom_ha.redis._connections import checkpoint
+from loom_ha.redis._connections import checkpoint, text
 from loom_ha.redis._errors import group_gone
 from loom_ha.redis._wakeable import WakeableReader
 from loom_ha.redis.connection import RedisConnector
@@ -104,10 +104,6 @@ class _EntrySettlement:
             await self.ack()
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class StreamConsumer:
     """Reads the streams of one subscription key and delivers them to its handlers."""
 
@@ -185,7 +181,7 @@ class StreamConsumer:
         if initial:
             last = await self._call(lambda c: c.xrevrange(stream, count=1), "XREVRANGE")
             if last:
-                start = _text(last[0][0])
+                start = text(last[0][0])
         self._cursors[stream] = start
 
     async def _create_group(self, stream: bytes, start: str) -> bool:
@@ -250,7 +246,7 @@ class StreamConsumer:
                         checkpoint()
                         await self._handle(stream, entry_id, fields, deliveries=1)
                         if self.group is None:
-                            self._cursors[stream] = _text(entry_id)
+                            self._cursors[stream] = text(entry_id)
                 await self._flush_acks()
             except TransportError as exc:
                 if self.group is not None and group_gone(exc):
@@ -413,7 +409,7 @@ class StreamConsumer:
                     t.local.counters.redelivered += 1
                     await self._handle(stream, entry_id, fields, deliveries=counts.get(entry_id, 2))
                 await self._flush_acks()
-                if _text(next_start) == "0-0":
+                if text(next_start) == "0-0":
                     break
                 start = next_start
 

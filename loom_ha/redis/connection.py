@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
-from loom_ha._tasks import TaskSupervisor, finish_all
+from loom_ha._tasks import TaskSupervisor, finish_all, wait_event
 from loom_ha.errors import ConnectionLostError, FailoverExhaustedError
 from loom_ha.redis._connections import Abortable, Address, ConnectionFactory, LeanPool, connect
 from loom_ha.redis._connections import checkpoint as checkpoint  # re-exported (bench)
@@ -248,10 +248,7 @@ class RedisConnector:
         (the probe, the Sentinel watcher, a publisher) found the new master, not when
         a backoff grown during the election happens to end.
         """
-        moved = self._moved
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await moved.wait()
+        await wait_event(self._moved, seconds)
 
     async def lost(self, generation: int, reason: object = "", *, silent: bool = False) -> None:
         """Report that the master of `generation` failed; the next call finds it anew.
@@ -283,9 +280,12 @@ class RedisConnector:
             FailoverExhaustedError: `policy` ran out while the master was away.
             TransportError / ConfigurationError: a non-transient failure, at once.
         """
-        client = self._blocking if blocking else self._client
-        generation = self.generation
-        if client is not None:
+
+        async def attempt() -> T:
+            client = self._blocking if blocking else self._client
+            if client is None:
+                client = await (self.blocking_client() if blocking else self.client())
+            generation = self.generation
             try:
                 if blocking:
                     result = await operation(client)
@@ -294,32 +294,17 @@ class RedisConnector:
                         result = await operation(client)
             except REDIS_ERRORS as exc:  # inline rather than map_redis_errors: the hot path
                 mapped = translate(exc, what)
-                if not isinstance(mapped, ConnectionLostError):
-                    raise (mapped or exc) from exc
-                await self.lost(generation, mapped, silent=_timed_out(exc))
+                if isinstance(mapped, ConnectionLostError):  # the master failed, not the op
+                    await self.lost(generation, mapped, silent=_timed_out(exc))
+                raise (mapped or exc) from exc
+            checkpoint()
+            return result
+
+        if (self._blocking if blocking else self._client) is not None:
+            try:  # the common case skips the retry machinery
+                return await attempt()
             except ConnectionLostError:
-                pass  # the operation's own "retry me" (e.g. too few replicas): not a lost master
-            else:
-                checkpoint()
-                return result
-
-        async def attempt() -> T:
-            client = await (self.blocking_client() if blocking else self.client())
-            generation = self.generation
-            try:
-                with map_redis_errors(what):
-                    if blocking:
-                        result = await operation(client)
-                    else:
-                        async with self._slots:
-                            result = await operation(client)
-                checkpoint()
-                return result
-            except ConnectionLostError as exc:
-                if isinstance(exc.__cause__, REDIS_ERRORS):  # the master failed, not the op
-                    await self.lost(generation, exc, silent=_timed_out(exc))
-                raise
-
+                pass  # the master was lost, or the operation's own "retry me" (too few replicas)
         return await policy.call(attempt)
 
     async def execute(

@@ -20,6 +20,7 @@ from redis.asyncio.connection import AbstractConnection
 from typing_extensions import override
 
 from loom_ha._handlers import Handler, SubscriptionKey
+from loom_ha._tasks import wait_event
 from loom_ha.errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -137,7 +138,6 @@ class RedisPubSubTransport(RedisTransportBase):
         self._send_lock = asyncio.Lock()
         self._sub_lock = asyncio.Lock()
         self._warned_groups = False
-        self._listener: asyncio.Task[None] | None = None
         self._last_reply = 0.0
         self.unconfirmed = 0
         self.listener_reconnects = 0
@@ -148,22 +148,18 @@ class RedisPubSubTransport(RedisTransportBase):
     async def _start_mode(self) -> None:
         """Start the listener and return once it listens: connect() means CONNECTED."""
         self._listening_started.clear()
-        self._listener = self.local.tasks.spawn(self._listen(), name="listener")
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await self._listening_started.wait()
-        except TimeoutError:
+        self.local.tasks.spawn(self._listen(), name="listener")  # cancelled by local.close()
+        if not await wait_event(self._listening_started, self._connect_timeout):
             raise ConnectionLostError(
                 f"redis-pubsub: the listener connection did not open within "
                 f"connect_timeout={self._connect_timeout}s"
-            ) from None
+            )
 
     @override
     async def _stop_mode(self) -> None:
         self._natives.clear()
         self._confirmed.clear()
         self._refused.clear()
-        self._listener = None  # cancelled with the other tasks by local.close()
 
     # -- Transport -------------------------------------------------------------------------------
 

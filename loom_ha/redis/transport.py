@@ -23,20 +23,20 @@ from typing_extensions import override
 
 from loom_ha._handlers import Handler
 from loom_ha._state import StateCell
-from loom_ha.errors import LoomHAError, TransportClosedError, UnsupportedCapabilityError
-from loom_ha.redis._base import Encoded, RedisTransportBase, detach_modes, start_modes
+from loom_ha.errors import LoomHAError, UnsupportedCapabilityError
+from loom_ha.redis._base import (
+    Encoded,
+    RedisLifecycle,
+    RedisTransportBase,
+    detach_modes,
+    start_modes,
+)
 from loom_ha.redis.connection import RedisConnector
 from loom_ha.redis.pubsub import RedisPubSubTransport
 from loom_ha.redis.streams import RedisStreamsTransport
 from loom_ha.redis.topic_modes import Mode, ModeRouter, weakest
 from loom_ha.topics import validate_topic
-from loom_ha.transport import (
-    StateListener,
-    Transport,
-    TransportState,
-    TransportStatistics,
-    require_usable,
-)
+from loom_ha.transport import TransportState, TransportStatistics, require_usable
 
 
 def _own_options(cls: type[RedisTransportBase]) -> frozenset[str]:
@@ -55,7 +55,7 @@ _MODE_OPTIONS: dict[Mode, frozenset[str]] = {m: _own_options(c) for m, c in _MOD
 _OWN_FIELDS = frozenset({"backend", "state", "endpoint", "reconnects", "extra"})
 
 
-class RedisTransport(Transport):
+class RedisTransport(RedisLifecycle):
     """Loom topics over Redis, each topic in Streams or Pub/Sub mode.
 
     A topic's mode is that of the most specific `topic_modes` pattern matching it
@@ -107,20 +107,8 @@ class RedisTransport(Transport):
         self._connector: RedisConnector | None = None
         self._unwatch: list[Callable[[], None]] = []  # our listeners on the modes' states
 
-    @property
-    def _state(self) -> TransportState:
-        return self._cell.state
-
-    @property
-    def state(self) -> TransportState:
-        """The current state: RECONNECTING while any mode in use is (announced to listeners)."""
-        return self._cell.state
-
-    @override
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        return self._cell.add_listener(listener)
-
     def _mode_changed(self, _: TransportState) -> None:
+        """RECONNECTING while any mode in use is, CONNECTED once all are again."""
         state = self._cell.state
         if state not in (TransportState.CONNECTED, TransportState.RECONNECTING):
             return
@@ -137,38 +125,15 @@ class RedisTransport(Transport):
         """The transport running `mode` (for its settings and mode-specific statistics)."""
         return self._modes[mode]
 
-    @property
-    def connector(self) -> RedisConnector:
-        """The connector both modes share (only while connected)."""
-        assert self._connector is not None, "not connected"
-        return self._connector
-
     # -- lifecycle -------------------------------------------------------------------------------
 
     @override
-    async def connect(self) -> None:
-        """Find the master once and start every mode in use on it; idempotent.
-
-        Raises:
-            ConnectionLostError: no master answered within `connect_timeout` (transient).
-            TransportError: credentials refused.
-        """
-        if self._connected():
-            return
-        async with self._state_lock:
-            if self._connected():  # another task connected while we waited
-                return
-            if self._state is TransportState.CLOSED:
-                raise TransportClosedError(f"{self.backend} transport is closed")
-            self._cell.set(TransportState.CONNECTING)
-            try:
-                self._connector = await start_modes(self._used)
-            except BaseException:
-                self._cell.set(TransportState.DISCONNECTED)
-                raise
-            self._cell.set(TransportState.CONNECTED)
-            self._unwatch = [m.add_state_listener(self._mode_changed) for m in self._used]
-            self._mode_changed(TransportState.CONNECTED)  # a mode lost meanwhile?
+    async def _start(self) -> None:
+        """Find the master once and start every mode in use on it (one shared connector)."""
+        self._connector = await start_modes(self._used)
+        self._cell.set(TransportState.CONNECTED)
+        self._unwatch = [m.add_state_listener(self._mode_changed) for m in self._used]
+        self._mode_changed(TransportState.CONNECTED)  # a mode lost meanwhile?
 
     @override
     async def disconnect(self) -> None:
@@ -187,19 +152,12 @@ class RedisTransport(Transport):
                 await connector.close()
 
     @override
-    def _mark_closed(self) -> None:
-        self._cell.set(TransportState.CLOSED)
-
-    @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
         """A group only where every mode the pattern travels in has competing consumers."""
         groups = {
             self._modes[m].resolve_group(pattern, group) for m in self.router.modes_for(pattern)
         }
         return groups.pop() if len(groups) == 1 else None
-
-    def _connected(self) -> bool:
-        return self._state in (TransportState.CONNECTED, TransportState.RECONNECTING)
 
     # -- Transport -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, wait_event
 from loom_ha.discovery.base import ServiceRegistry
 from loom_ha.discovery.instance import ServiceInstance
 from loom_ha.errors import ConfigurationError, RegistryError
@@ -67,24 +67,14 @@ class InstanceDirectory:
         if entry is None:
             entry = self._entries[service] = _Entry()
             self._tasks.spawn(self._follow(service, entry), name=f"watch:{service}")
-        if not entry.ready.is_set():
-            try:
-                async with asyncio.timeout(self.first_answer):
-                    await entry.ready.wait()
-            except TimeoutError:
-                log.warning(
-                    "registry gave no answer for %s within %.1f s", service, self.first_answer
-                )
+        if not entry.ready.is_set() and not await wait_event(entry.ready, self.first_answer):
+            log.warning("registry gave no answer for %s within %.1f s", service, self.first_answer)
         return entry.instances
 
     def cached(self, service: str) -> tuple[ServiceInstance, ...] | None:
         """The instances of `service` without awaiting, once the first answer is in."""
         entry = self._entries.get(service)
         return entry.instances if entry is not None and entry.ready.is_set() else None
-
-    def known(self) -> dict[str, tuple[str, ...]]:
-        """Instance ids per service, as last seen (for statistics)."""
-        return {s: tuple(i.instance_id for i in e.instances) for s, e in self._entries.items()}
 
     def clear(self) -> None:
         """Forget every service (their watch tasks are cancelled by the task owner)."""

@@ -10,7 +10,6 @@ lasts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._tasks import TaskSupervisor, wait_event
 from loom_ha.balancing import Balancer
 from loom_ha.discovery.instance import ServiceInstance
 from loom_ha.errors import TransientError
@@ -270,9 +269,7 @@ class RequestRouter:
             delay = deadline - time.monotonic()
             if delay > 0:
                 self._wake.clear()  # woken early when `departed` puts a deadline first
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
+                await wait_event(self._wake, delay)
                 continue
             deadlines.popleft()
             if request.attempt == attempt and self._pending.get(str(request.event.id)) is request:

@@ -65,6 +65,7 @@ class StreamsOwner(Protocol):
 log = logging.getLogger("loom_ha.redis.streams")
 
 MAX_SEQUENCE = 2**64 - 1
+_PAST_THE_END = f"{MAX_SEQUENCE}-{MAX_SEQUENCE - 1}"  # reads nothing (all-max means ">")
 PROGRESS_LIMIT = 4096
 """Entries per consumer whose partial progress (some handlers done) is remembered."""
 
@@ -175,14 +176,35 @@ class StreamConsumer:
         """
         if self.group is not None:
             await self._create_group(stream, "$" if initial else self._start_id)
+            if initial:
+                await self._check_access(stream)
             self._cursors[stream] = ">"
             return
         start = self._start_id
         if initial:
-            last = await self._call(lambda c: c.xrevrange(stream, count=1), "XREVRANGE")
+            last = await self._check_access(stream)
             if last:
                 start = text(last[0][0])
         self._cursors[stream] = start
+
+    async def _check_access(self, stream: bytes) -> Any:
+        """Run what the loop will run, on nothing, before subscribe returns: a user without
+        XREAD, XREADGROUP or XACK fails the subscribe once, the command named (the loop could
+        only log it every second). A fan-out gets its start (XREVRANGE) in the same trip."""
+        group, consumer = self.group, self.t.consumer_name
+
+        async def check(client: Any) -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                if group is None:
+                    pipe.xrevrange(stream, count=1)
+                    pipe.xread({stream: _PAST_THE_END}, count=1)
+                else:
+                    pipe.xreadgroup(group, consumer, {stream: _PAST_THE_END}, count=1)
+                    pipe.xack(stream, group, "0-0")
+                replies = await pipe.execute()
+            return replies[0]
+
+        return await self._call(check, "subscribe")
 
     async def _create_group(self, stream: bytes, start: str) -> bool:
         group = self.group

@@ -220,6 +220,33 @@ async def test_a_missing_permission_is_named(server_launcher: ServerLauncher) ->
     assert _refused(server, "NOPERM") == 3
 
 
+@pytest.mark.parametrize(
+    ("missing", "group"), [("xreadgroup", "g"), ("xack", "g"), ("xread", None)]
+)
+async def test_a_missing_read_permission_fails_the_subscribe(
+    server_launcher: ServerLauncher, missing: str, group: str | None
+) -> None:
+    """A Streams user that may not read (or acknowledge) what it subscribes to gets one
+    TransportError naming the command at subscribe, not a consumer that logs a refusal
+    every second and delivers nothing; the failed subscription leaves nothing behind."""
+    server = await asyncio.to_thread(
+        server_launcher.start,
+        RedisServer(
+            username="admin",
+            password=ADMIN_PW,
+            extra_config=[acl_user("app", APP_PW, f"{APP_RULES} -{missing}")],
+        ),
+    )
+    url = f"redis://app:{quote(APP_PW, safe='')}@{server.host}:{server.port}/0"
+    async with RedisStreamsTransport(url) as streams:
+        with pytest.raises(TransportError, match=f"'{missing}'") as info:
+            await streams.subscribe("acl/x", Collector(), group=group)
+        assert not isinstance(info.value, TransientError)
+        stats = streams.statistics()
+        assert (stats.subscriptions, (stats.extra or {})["consumers"]) == (0, 0)
+    assert _refused(server, "NOPERM") == 1  # refused once: not retried
+
+
 async def _exercise(url: str) -> None:
     """Cause every command loom-ha sends to a master that is not behind Sentinel."""
     async with RedisPubSubTransport(url) as pubsub:

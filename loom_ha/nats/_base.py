@@ -89,8 +89,8 @@ class NatsTransportBase(Transport):
         self.subjects = SubjectCodec(subject_prefix, dead_letter_prefix)
         self.codec: EventCodec[Any] = codec or EventCodec(loom_event_class())
         self._conn = NatsConnection(self.options, self.backend_name)
-        self._local = LocalDelivery(f"loom_ha.{self.backend_name}", group_rule)
-        self._counters = self._local.counters
+        self.local = LocalDelivery(f"loom_ha.{self.backend_name}", group_rule)
+        self._counters = self.local.counters
         self._lock = asyncio.Lock()
         self._closed = False  # close() was called: connect() refuses for good
         self._patterns = PatternLocks()
@@ -119,7 +119,7 @@ class NatsTransportBase(Transport):
                 raise TransportClosedError(
                     f"{self.backend_name}: gave up reconnecting; create a new transport"
                 )
-            self._local.reopen()
+            self.local.reopen()
             await self._conn.open()
             try:
                 await self._after_connect()
@@ -140,20 +140,20 @@ class NatsTransportBase(Transport):
     @override
     def _mark_closed(self) -> None:
         self._closed = True
-        self._conn.mark(TransportState.CLOSED)
+        self._conn.cell.set(TransportState.CLOSED)
 
     async def _shutdown(self) -> None:
         try:
             await finish_all(
                 self._before_close,  # broker-side consumers, while the connection is up
-                self._local.close,
+                self.local.close,
                 self._conn.close,
-                self._local.settle,  # handler calls in nats-py's (now cancelled) tasks
+                self.local.settle,  # handler calls in nats-py's (now cancelled) tasks
                 owner=self.backend_name,
             )
         finally:
             self._forget_native()
-            self._conn.mark(TransportState.DISCONNECTED)
+            self._conn.cell.set(TransportState.DISCONNECTED)
 
     async def _after_connect(self) -> None:
         """Hook: broker-side setup once connected (streams)."""
@@ -170,18 +170,12 @@ class NatsTransportBase(Transport):
     def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
         """Call `listener(state)` on every state change (connecting, connected,
         reconnecting, disconnected, closed); returns a function that removes it."""
-        return self._conn.add_state_listener(listener)
+        return self._conn.cell.add_listener(listener)
 
     @property
     def state(self) -> TransportState:
         """The current state (also in `statistics()`)."""
         return self._conn.state
-
-    def _check_can_send(self) -> None:
-        """Publishing is allowed while reconnecting (buffered or retried), not otherwise."""
-        state = self._conn.state
-        if state is not TransportState.RECONNECTING:
-            require_connected(state, self.backend_name)
 
     def _dead_letter_event(
         self, reason: str, topic: str, origin: str, attempts: int, raw: bytes
@@ -194,7 +188,7 @@ class NatsTransportBase(Transport):
         letter = DeadLetter(reason=reason, topic=topic, origin=origin, attempts=attempts, raw=raw)
         return self.subjects.dead_letter_subject(topic), DEAD_LETTER_CODEC.encode(letter.to_event())
 
-    def _topic_of(self, subject: str) -> str:
+    def topic_of(self, subject: str) -> str:
         """The Loom topic of `subject`; the raw subject when it is not ours (dead letters)."""
         try:
             return self.subjects.topic(subject)
@@ -214,12 +208,12 @@ class NatsTransportBase(Transport):
 
     @override
     def resolve_group(self, pattern: str, group: str | None) -> str | None:
-        return self._local.resolve_group(pattern, group)
+        return self.local.resolve_group(pattern, group)
 
     @override
     def statistics(self) -> TransportStatistics:
         conn = self._conn
-        return self._local.statistics(
+        return self.local.statistics(
             self.backend_name,
             conn.state,
             endpoint=conn.endpoint,

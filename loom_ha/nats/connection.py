@@ -102,17 +102,6 @@ class NatsConnection:
         """The connection's current state."""
         return self.cell.state
 
-    def add_state_listener(self, listener: StateListener) -> Callable[[], None]:
-        """Call `listener` on every state change; returns a function that removes it."""
-        return self.cell.add_listener(listener)
-
-    def _set_state(self, state: TransportState) -> None:
-        self.cell.set(state)
-
-    async def wait_connected(self) -> None:
-        """Return once connected (again)."""
-        await self.cell.wait_connected()
-
     async def open(self) -> None:
         """Connect to the first reachable server within `connect_timeout`.
 
@@ -124,7 +113,7 @@ class NatsConnection:
         o = self.options
         o.check_credential_files()  # before nats-py reads them (see loom_ha.nats._credentials)
         self._closing = False
-        self._set_state(TransportState.CONNECTING)
+        self.cell.set(TransportState.CONNECTING)
         client = Client()
         self._client = client
         attempts = o.max_reconnect_attempts
@@ -166,7 +155,7 @@ class NatsConnection:
         except BaseException:
             self._opening = False
             await self.close()
-            self._set_state(TransportState.DISCONNECTED)
+            self.cell.set(TransportState.DISCONNECTED)
             raise
         self._tasks.reopen()
         liveness = Liveness(
@@ -177,7 +166,7 @@ class NatsConnection:
             misses=o.max_outstanding_pings,
         )
         self._tasks.spawn(liveness.run(), name=f"loom_ha.{self.backend}.liveness")
-        self._set_state(TransportState.CONNECTED)
+        self.cell.set(TransportState.CONNECTED)
 
     async def until_lost(self, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`, cut short as soon as the connection is lost.
@@ -286,10 +275,6 @@ class NatsConnection:
             self._tasks.aclose, lambda: close_client(client, window), owner=self.backend
         )
 
-    def mark(self, state: TransportState) -> None:
-        """Set the state from the owning transport (e.g. DISCONNECTED after close)."""
-        self._set_state(state)
-
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             # A handler fell ~512k messages (or 128 MB) behind: nats-py drops, we count.
@@ -349,7 +334,7 @@ class NatsConnection:
         self._lost()
         if not self._closing:
             log.warning("%s: connection lost, reconnecting", self.backend)
-            self._set_state(TransportState.RECONNECTING)
+            self.cell.set(TransportState.RECONNECTING)
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
@@ -357,12 +342,12 @@ class NatsConnection:
         client = self._client
         self._serving = client.connected_url if client is not None else None
         log.warning("%s: reconnected to %s", self.backend, self.endpoint)
-        self._set_state(TransportState.CONNECTED)
+        self.cell.set(TransportState.CONNECTED)
 
     async def _on_closed(self) -> None:
         if not self._closing:
             log.error("%s: gave up reconnecting (max_reconnect_attempts)", self.backend)
-            self._set_state(TransportState.CLOSED)
+            self.cell.set(TransportState.CLOSED)
 
 
 def _refused_credentials(exc: Exception, text: str) -> bool:

@@ -20,7 +20,7 @@ from loom_ha.errors import SerializationError
 from loom_ha.nats._base import NatsTransportBase
 from loom_ha.nats._errors import map_nats_errors
 from loom_ha.nats.subjects import digest, safe_name
-from loom_ha.transport import Capabilities, TransportState, require_connected
+from loom_ha.transport import Capabilities, TransportState, require_connected, require_usable
 
 __all__ = ["NatsCoreTransport", "NatsTransport"]
 
@@ -108,7 +108,7 @@ class NatsCoreTransport(NatsTransportBase):
         """
         conn = self._conn
         if conn.cell.state is not _CONNECTED:
-            self._check_can_send()
+            require_usable(conn.state, self.backend_name)
         subject = self.subjects.publish_subject(topic)
         payload = self.codec.encode(event)
         try:
@@ -131,7 +131,7 @@ class NatsCoreTransport(NatsTransportBase):
             ConnectionLostError: the server did not confirm in time.
         """
         require_connected(self._conn.state, self.backend_name)
-        local = self._local
+        local = self.local
         group = local.resolve_group(topic, group)
         async with self._patterns.hold(topic):
             key, _ = local.add(topic, handler, group)
@@ -159,7 +159,7 @@ class NatsCoreTransport(NatsTransportBase):
         nats-py runs it in one task per subscription, one message at a time, which is
         what `deliver_serially` needs.
         """
-        deliver = self._local.deliver_serially
+        deliver = self.local.deliver_serially
         decode = self.codec.decode
         malformed = self._malformed
         backend = self.backend_name
@@ -206,9 +206,9 @@ class NatsCoreTransport(NatsTransportBase):
 
     async def _malformed(self, msg: Msg, exc: Exception) -> None:
         """Count a message that is not a valid event and report it as a dead letter."""
-        self._local.counters.malformed += 1
+        self.local.counters.malformed += 1
         reason = exc.reason if isinstance(exc, SerializationError) else str(exc)
-        topic = self._topic_of(msg.subject)
+        topic = self.topic_of(msg.subject)
         log.warning("%s: malformed message on %r: %s", self.backend_name, topic, reason)
         subject, payload = self._dead_letter_event(
             reason, topic, f"{self.backend_name}:{msg.subject}", 0, msg.data
@@ -216,7 +216,7 @@ class NatsCoreTransport(NatsTransportBase):
         try:
             with map_nats_errors(what="dead letter"):
                 await self._conn.client.publish(subject, payload)
-            self._local.counters.dead_lettered += 1
+            self.local.counters.dead_lettered += 1
         except Exception:
             log.exception("%s: could not publish dead letter for %r", self.backend_name, topic)
 
@@ -224,7 +224,7 @@ class NatsCoreTransport(NatsTransportBase):
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Stop delivering `topic` to `handler`; unknown pairs are ignored."""
         async with self._patterns.hold(topic):
-            for key in await self._local.remove(topic, handler):
+            for key in await self.local.remove(topic, handler):
                 await self._drop(key)
 
     async def _drop(self, key: SubscriptionKey) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 import nats.js.errors
@@ -25,8 +25,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from typing_extensions import Unpack, override
 
-from loom_ha._handlers import DeliveryCounters, Handler, HandlerTable, SubscriptionKey
-from loom_ha._tasks import TaskSupervisor
+from loom_ha._handlers import Handler, SubscriptionKey
 from loom_ha.errors import ConfigurationError, ConnectionLostError, LoomHAError
 from loom_ha.event import EventCodec
 from loom_ha.nats._base import NatsTransportBase
@@ -42,7 +41,13 @@ from loom_ha.nats.subjects import (
 )
 from loom_ha.retry import within
 from loom_ha.topics import validate_topic
-from loom_ha.transport import Capabilities, GroupRule, loom_request_groups, require_connected
+from loom_ha.transport import (
+    Capabilities,
+    GroupRule,
+    loom_request_groups,
+    require_connected,
+    require_usable,
+)
 
 __all__ = ["ConsumerOptions", "JetStreamTransport", "StreamOptions"]
 
@@ -50,6 +55,9 @@ log = logging.getLogger("loom_ha.nats.jetstream")
 
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 MSG_ID = "Nats-Msg-Id"
+_Sent = tuple[asyncio.Future[Any], str, bytes, str, str]
+"""A pipelined publish: its ack future, then `_publish_acked`'s arguments to retry it."""
+_RETRIED = (ConnectionLostError, PublishInProgressError)  # a pipelined publish retries these
 PUBLISH_WAIT_MAX = 0.4
 """Longest backoff between publish attempts, seconds: an attempt that timed out already
 waited `ack_timeout`, so the pause after it stays short (ack_timeout + 0.4 + 0.1 jitter = 2 s)."""
@@ -142,25 +150,6 @@ class JetStreamTransport(NatsTransportBase):
             require_connected(self._conn.state, self.backend_name)
             raise AssertionError("unreachable")
         return self._js
-
-    @property
-    def tasks(self) -> TaskSupervisor:
-        """The supervisor every consumer loop runs under."""
-        return self._local.tasks
-
-    @property
-    def table(self) -> HandlerTable:
-        """The handler table (groups, owner keys)."""
-        return self._local.table
-
-    @property
-    def counters(self) -> DeliveryCounters:
-        """Shared delivery counters."""
-        return self._local.counters
-
-    def topic_of(self, subject: str) -> str:
-        """The topic of a subject (the subject itself when it is not ours)."""
-        return self._topic_of(subject)
 
     def consumer_config(self, key: SubscriptionKey, name: str, start: int | None) -> ConsumerConfig:
         """The consumer of `key`: durable, explicit ack, filtered to its native subject."""
@@ -261,11 +250,11 @@ class JetStreamTransport(NatsTransportBase):
             FailoverExhaustedError: no ack within `publish_timeout` (``__cause__`` says why).
             PublishError: the stream refused it.
         """
-        self._check_can_send()
+        require_usable(self._conn.state, self.backend_name)
         validate_topic(topic)
         subject = self.subjects.subject(topic)
         await self._publish_acked(subject, self.codec.encode(event), event.id, topic)
-        self._local.counters.published += 1
+        self.local.counters.published += 1
 
     async def _publish_acked(self, subject: str, payload: bytes, msg_id: str, topic: str) -> None:
         """Publish until the stream acks, every attempt with the same message id.
@@ -279,13 +268,16 @@ class JetStreamTransport(NatsTransportBase):
 
         async def once() -> None:
             try:
-                with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
-                    ack = await conn.until_lost(
-                        self.js.publish(subject, payload, timeout=self.ack_timeout, headers=headers)
-                    )
-            except PublishInProgressError:
-                self.in_progress += 1
-                raise
+                ack = await conn.until_lost(
+                    self.js.publish(subject, payload, timeout=self.ack_timeout, headers=headers)
+                )
+            except Exception:  # mapped here, not around every call: the success path skips it
+                try:
+                    with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                        raise
+                except PublishInProgressError:
+                    self.in_progress += 1
+                    raise
             if ack.duplicate:
                 self.duplicates += 1
 
@@ -297,26 +289,68 @@ class JetStreamTransport(NatsTransportBase):
         The returned awaitable completes once the event is stored (retrying like
         `publish()`, with the same ``Nats-Msg-Id``) or raises; it must be awaited.
         """
-        self._check_can_send()
-        validate_topic(topic)
-        subject, payload = self.subjects.subject(topic), self.codec.encode(event)
-        headers = {MSG_ID: event.id}
-        with map_nats_errors(topic=topic, event_id=event.id, what="publish"):
-            future = await self.js.publish_async(subject, payload, headers=headers)
-        return self._confirm(future, subject, payload, event.id, topic)
+        return self._confirm(await self._send(topic, event))
 
-    async def _confirm(
-        self, future: Awaitable[Any], subject: str, payload: bytes, msg_id: str, topic: str
-    ) -> None:
+    async def _confirm(self, sent: _Sent) -> None:
+        error = (await self._confirm_all([sent]))[0]
+        if error is not None:
+            raise error
+
+    async def _send(self, topic: str, event: Any) -> _Sent:
+        """A pipelined publish's first attempt: sent, its ack not waited for."""
+        require_usable(self._conn.state, self.backend_name)
+        validate_topic(topic)
+        subject, payload, msg_id = self.subjects.subject(topic), self.codec.encode(event), event.id
         try:
+            future = await self.js.publish_async(subject, payload, headers={MSG_ID: msg_id})
+        except Exception:
             with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                raise
+        return future, subject, payload, msg_id, topic
+
+    async def _confirm_all(self, sent: Sequence[_Sent]) -> list[BaseException | None]:
+        """Wait for the acks of `sent`; each one's error (None: stored), in order.
+
+        One deadline and one `until_lost` for them all, not a task and two timers per event
+        (most of a pipelined publish's CPU). Those without an ack in time, or worth another
+        try, go through `_publish_acked` concurrently, as `publish()` would.
+        """
+        pending = [s[0] for s in sent if not s[0].done()]
+        if pending:
+            try:
                 async with asyncio.timeout(self.ack_timeout):
-                    ack = await self._conn.until_lost(future)
-            if ack.duplicate:
-                self.duplicates += 1
-        except (ConnectionLostError, PublishInProgressError):  # no ack: the retry loop's turn
-            await self._publish_acked(subject, payload, msg_id, topic)
-        self._local.counters.published += 1
+                    await self._conn.until_lost(asyncio.wait(pending))
+            except TimeoutError:
+                pass  # too slow, or the connection was lost: retried below
+            finally:  # also when cancelled: frees nats-py's slot of each (a late ack is ignored)
+                for future in pending:
+                    future.cancel()
+        errors = [self._outcome(s) for s in sent]
+        retry = [i for i, e in enumerate(errors) if isinstance(e, _RETRIED)]
+        again = [self._publish_acked(*sent[i][1:]) for i in retry]
+        for i, error in zip(
+            retry, await asyncio.gather(*again, return_exceptions=True), strict=True
+        ):
+            errors[i] = error
+            if error is None:
+                self.local.counters.published += 1
+        return errors
+
+    def _outcome(self, sent: _Sent) -> BaseException | None:
+        """What the ack future of `sent` says: None (stored; counted), else the error."""
+        future, _, _, msg_id, topic = sent
+        if future.cancelled():
+            return ConnectionLostError("publish: no ack within ack_timeout")
+        if (exc := future.exception()) is not None:
+            try:
+                with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
+                    raise exc
+            except Exception as mapped:  # what map_nats_errors raised (exc itself if ours)
+                return mapped
+        if future.result().duplicate:
+            self.duplicates += 1
+        self.local.counters.published += 1
+        return None
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> None:
         """Publish `(topic, event)` pairs pipelined; returns once all are stored.
@@ -326,21 +360,20 @@ class JetStreamTransport(NatsTransportBase):
                 (topic or event) raises after the items before it were stored; the items
                 after it are not sent.
         """
-        pending: list[Coroutine[Any, Any, None]] = []
+        sent: list[_Sent] = []
         bad_item: LoomHAError | None = None
         try:
             for topic, event in items:
-                pending.append(await self.publish_async(topic, event))
+                sent.append(await self._send(topic, event))
         except LoomHAError as exc:
             bad_item = exc
         except BaseException:  # cancelled: the acks are no longer anyone's to wait for
-            for confirm in pending:
-                confirm.close()
+            for future, *_ in sent:
+                future.cancel()
             raise
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        for error in await self._confirm_all(sent):
+            if error is not None:
+                raise error
         if bad_item is not None:
             raise bad_item
 
@@ -354,7 +387,7 @@ class JetStreamTransport(NatsTransportBase):
         except LoomHAError as exc:
             log.error("dead letter for %r not stored (%s); will retry", topic, exc)
             return False
-        self._local.counters.dead_lettered += 1
+        self.local.counters.dead_lettered += 1
         return True
 
     # -- subscriptions -----------------------------------------------------------------
@@ -369,7 +402,7 @@ class JetStreamTransport(NatsTransportBase):
             FailoverExhaustedError: the consumer could not be created in time.
         """
         require_connected(self._conn.state, self.backend_name)
-        local = self._local
+        local = self.local
         group = local.resolve_group(topic, group)
         async with self._patterns.hold(topic):
             key, _ = local.table.add(topic, handler, group)
@@ -393,7 +426,7 @@ class JetStreamTransport(NatsTransportBase):
     async def unsubscribe(self, topic: str, handler: Handler) -> None:
         """Stop delivering `topic` to `handler`; a fan-out consumer is deleted."""
         async with self._patterns.hold(topic):
-            for key in await self._local.remove(topic, handler):
+            for key in await self.local.remove(topic, handler):
                 consumer = self._consumers.pop(key, None)
                 if consumer is not None:
                     await consumer.stop(delete=key.group is None)

@@ -1,12 +1,14 @@
-"""Subject encoding and native wildcard mapping of the NATS backends (no server)."""
+"""Subject encoding, native wildcard mapping and ack subjects of the NATS backends (no server)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.msg import Msg
 
 from loom_ha.errors import ConfigurationError
+from loom_ha.nats._consumer import _delivery_of
 from loom_ha.nats.subjects import SubjectCodec, decode_token, encode_token
 from loom_ha.topics import parse_pattern
 
@@ -92,3 +94,29 @@ def test_bad_prefixes_are_configuration_errors(prefix: str, dead: str) -> None:
     """Illegal or overlapping prefixes are refused at construction."""
     with pytest.raises(ConfigurationError):
         SubjectCodec(prefix, dead)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.LOOM.c1.3.1042.17.1733580000000000000.5",  # v1: 9 tokens
+        "$JS.ACK.hub.ACCHASH.LOOM.c1.2.77.9.1733580000000000000.0",  # v2: 11 tokens
+        "$JS.ACK.hub.ACCHASH.LOOM.c1.1.5.4.1733580000000000000.0.rnd",  # v2 with a random token
+        "$JS.ACK.LOOM.c1.x.1042.17.1733580000000000000.5",  # not a number
+        "$JS.ACK.LOOM.c1.3.1042",  # too short
+        "$JS.FC.LOOM.c1.3.1042.17.1733580000000000000.5",  # not an ack subject
+        "_INBOX.abc",
+        "",
+    ],
+)
+def test_the_delivery_read_from_an_ack_subject_matches_nats_py(reply: str) -> None:
+    """The JetStream consumer reads (stream sequence, delivery count) from the ack subject
+    itself, skipping nats-py's `Msg.metadata` (~3 µs a message): both must agree, including
+    on which subjects are not JetStream deliveries."""
+    msg = Msg(_client=None, subject="loom.x", reply=reply, data=b"")  # type: ignore[arg-type]
+    try:
+        meta = msg.metadata
+        expected: tuple[int, int] | None = (meta.sequence.stream, meta.num_delivered)
+    except Exception:
+        expected = None
+    assert _delivery_of(reply) == expected

@@ -30,7 +30,7 @@ from loom_ha._handlers import SubscriptionKey
 from loom_ha._state import StateListener
 from loom_ha.errors import LoomHAError, SerializationError, TransportError
 from loom_ha.event import EventCodec
-from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats._errors import map_nats_errors, translate
 from loom_ha.nats.connection import NatsConnection
 from loom_ha.nats.options import ConsumerOptions, StreamOptions
 from loom_ha.nats.subjects import SubjectCodec
@@ -342,12 +342,11 @@ async def _settle(ack: Any) -> None:
     """Send an ack/nak; if the connection is gone the broker redelivers (deduplicated)."""
     try:
         await ack
-    except Exception:  # mapped only on failure: every delivery's ack takes this path
-        try:
-            with map_nats_errors(what="ack"):
-                raise
-        except TransportError as exc:
-            log.debug("ack not sent: %s", exc)
+    except Exception as exc:  # mapped only on failure: every delivery's ack takes this path
+        mapped = translate(exc, what="ack")
+        if not isinstance(mapped, TransportError):
+            raise
+        log.debug("ack not sent: %s", mapped)
 
 
 def _delivery_of(reply: str | None) -> tuple[int, int] | None:

@@ -79,6 +79,40 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def translate(
+    exc: BaseException, *, topic: str | None = None, event_id: str | None = None, what: str = "nats"
+) -> BaseException:
+    """The loom-ha error for nats-py's `exc` (its ``__cause__``), or `exc` itself when it is
+    not a nats-py error: what `map_nats_errors` raises, for a caller holding the exception
+    (a failed ack future, an ``except`` that maps only on failure to spare the hot path).
+
+    Args:
+        topic: set when publishing: non-transient failures become `PublishError`.
+        event_id: the event being published, for `PublishError`.
+        what: names the operation in messages.
+    """
+    mapped: BaseException
+    if isinstance(exc, LoomHAError):
+        return exc
+    if isinstance(exc, _TRANSIENT):
+        mapped = ConnectionLostError(f"{what}: {_describe(exc)}")
+    elif isinstance(exc, _CONFIGURATION):
+        mapped = ConfigurationError(
+            f"{what}: {_describe(exc)} (check servers, credentials and TLS options)"
+        )
+    elif isinstance(exc, nats.errors.Error):
+        if getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS:  # a 409 APIError
+            mapped = PublishInProgressError(f"{what}: {_describe(exc)}")
+        elif topic is not None:
+            mapped = PublishError(f"{what}: {_describe(exc)}", topic=topic, event_id=event_id)
+        else:
+            mapped = TransportError(f"{what}: {_describe(exc)}")
+    else:
+        return exc
+    mapped.__cause__ = exc
+    return mapped
+
+
 @contextmanager
 def map_nats_errors(
     *, topic: str | None = None, event_id: str | None = None, what: str = "nats"
@@ -98,17 +132,8 @@ def map_nats_errors(
     """
     try:
         yield
-    except LoomHAError:
-        raise
-    except _TRANSIENT as exc:
-        raise ConnectionLostError(f"{what}: {_describe(exc)}") from exc
-    except _CONFIGURATION as exc:
-        raise ConfigurationError(
-            f"{what}: {_describe(exc)} (check servers, credentials and TLS options)"
-        ) from exc
-    except nats.errors.Error as exc:
-        if getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS:  # a 409 APIError
-            raise PublishInProgressError(f"{what}: {_describe(exc)}") from exc
-        if topic is not None:
-            raise PublishError(f"{what}: {_describe(exc)}", topic=topic, event_id=event_id) from exc
-        raise TransportError(f"{what}: {_describe(exc)}") from exc
+    except Exception as exc:
+        mapped = translate(exc, topic=topic, event_id=event_id, what=what)
+        if mapped is exc:
+            raise
+        raise mapped from exc

@@ -30,7 +30,7 @@ from loom_ha.errors import ConfigurationError, ConnectionLostError, LoomHAError
 from loom_ha.event import EventCodec
 from loom_ha.nats._base import NatsTransportBase
 from loom_ha.nats._consumer import PullConsumer
-from loom_ha.nats._errors import PublishInProgressError, map_nats_errors
+from loom_ha.nats._errors import PublishInProgressError, map_nats_errors, translate
 from loom_ha.nats.connection import DEFAULT_SERVERS, ConnectionOptions, NatsConnection
 from loom_ha.nats.options import ConsumerOptions, StreamOptions
 from loom_ha.nats.subjects import (
@@ -271,13 +271,13 @@ class JetStreamTransport(NatsTransportBase):
                 ack = await conn.until_lost(
                     self.js.publish(subject, payload, timeout=self.ack_timeout, headers=headers)
                 )
-            except Exception:  # mapped here, not around every call: the success path skips it
-                try:
-                    with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
-                        raise
-                except PublishInProgressError:
+            except Exception as exc:  # mapped here, not around every call: the hot path
+                mapped = translate(exc, topic=topic, event_id=msg_id, what="publish")
+                if isinstance(mapped, PublishInProgressError):
                     self.in_progress += 1
+                if mapped is exc:
                     raise
+                raise mapped from exc
             if ack.duplicate:
                 self.duplicates += 1
 
@@ -342,11 +342,7 @@ class JetStreamTransport(NatsTransportBase):
         if future.cancelled():
             return ConnectionLostError("publish: no ack within ack_timeout")
         if (exc := future.exception()) is not None:
-            try:
-                with map_nats_errors(topic=topic, event_id=msg_id, what="publish"):
-                    raise exc
-            except Exception as mapped:  # what map_nats_errors raised (exc itself if ours)
-                return mapped
+            return translate(exc, topic=topic, event_id=msg_id, what="publish")
         if future.result().duplicate:
             self.duplicates += 1
         self.local.counters.published += 1

@@ -18,7 +18,7 @@ from loom_ha.errors import (
     TransientError,
 )
 from loom_ha.nats import ConsumerOptions, JetStreamTransport, NatsCoreTransport, StreamOptions
-from loom_ha.nats._errors import map_nats_errors
+from loom_ha.nats._errors import map_nats_errors, translate
 
 
 def _nats_error_classes() -> list[type[BaseException]]:
@@ -107,3 +107,24 @@ def test_importing_loom_ha_does_not_import_nats() -> None:
     code = "import sys, loom_ha, loom_ha.transport, loom_ha.memory; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_translate_returns_what_the_block_would_raise() -> None:
+    """`translate` (for a held exception: a failed ack future) and `map_nats_errors` (for a
+    block) map alike; a non-nats error is returned unchanged."""
+    for exc, kwargs in (
+        (nats.errors.ConnectionClosedError(), {}),
+        (nats.errors.AuthorizationError(), {}),
+        (nats.errors.Error("refused"), {"topic": "t", "event_id": "e1"}),
+        (nats.errors.Error("refused"), {}),
+    ):
+        mapped = translate(exc, what="test", **kwargs)
+        with pytest.raises(LoomHAError) as caught, map_nats_errors(what="test", **kwargs):
+            raise exc
+        assert (type(mapped), str(mapped), mapped.__cause__) == (
+            type(caught.value),
+            str(caught.value),
+            exc,
+        )
+    other = ValueError("not nats")
+    assert translate(other) is other

@@ -6,9 +6,9 @@ another instance) is handled, while a slow but live instance keeps its claim.
 
 One KV entry per event, under a hash of its key (KV keys allow only ``[-/_=.a-zA-Z0-9]``):
 
-- ``run:<deadline>:<owner>`` a lease. `claim` writes it with `create` (only if the key is
-  absent or deleted); a lease whose deadline has passed is taken over by a compare-and-set
-  `update` on the revision that was read, so of two instances racing for it exactly one wins.
+- ``run:<deadline>:<owner>`` a lease. `claim` writes it by compare-and-set: on "no entry"
+  first, else on the revision it read from the stream leader when that showed a delete
+  or a lease whose deadline has passed, so of the instances racing for it exactly one wins.
   One task per window renews every held lease every ``lease / 3`` seconds, again by
   compare-and-set: a failed one means another instance took the lease over.
 - ``done`` the handler succeeded (`complete`): a duplicate is dropped until the bucket's
@@ -57,7 +57,9 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
 _STREAM_CONFIG_DIFFERS = 10058  # stream name already in use with a different configuration
 _REFUSED = (10074,)  # replicas > 1 not supported in non-clustered mode (a 500)
 _MAX_REPLICAS = 5  # JetStream's limit
-_ATTEMPTS = 3  # claim: the entry may vanish between a failed create and the read
+_ATTEMPTS = 3  # claim: the entry may change between a failed write and the read
+_KV_OPERATION = "KV-Operation"  # header of a KV delete marker
+_KV_REMOVED = ("DEL", "PURGE")
 
 
 def _kv_key(key: str) -> str:
@@ -118,6 +120,7 @@ class NatsDedup:
         self._held: dict[str, int] = {}  # KV key -> revision of our lease
         self._conn: NatsConnection | None = None
         self._kv: KeyValue | None = None
+        self._api: JetStreamContext | None = None  # for reads from the stream leader
         self._connecting = asyncio.Lock()
         self._closed = False
         self._tasks = TaskSupervisor("nats-dedup")
@@ -135,26 +138,16 @@ class NatsDedup:
         """
         kv = await self._bucket()
         name = _kv_key(key)
+        expected = 0  # no entry yet; else the revision last read (a lapsed lease, a delete)
         with map_nats_errors(what=f"nats dedup: claim in {self.bucket}"):
             for _ in range(_ATTEMPTS):
-                try:
-                    revision = await kv.create(name, self._lease_value())
+                try:  # compare-and-set: of the instances writing it, exactly one wins
+                    revision = await kv.update(name, self._lease_value(), last=expected)
                 except nats.js.errors.KeyWrongLastSequenceError:
-                    pass  # present: look at it below
-                except nats.js.errors.KeyNotFoundError:
-                    continue  # a deleted entry vanished under `create`: try again
-                else:
-                    self._hold(name, revision)
-                    return True
-                value, current = await self._read(kv, name)
-                if value is None:
-                    continue  # released or expired since our create: try again
-                if not self._lapsed(value):
-                    return False
-                try:  # compare-and-set: of the instances taking it over, one wins
-                    revision = await kv.update(name, self._lease_value(), last=current)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    return False
+                    value, expected = await self._read(name)
+                    if value is not None and not self._lapsed(value):
+                        return False  # held (or done) by someone
+                    continue  # absent, deleted or lapsed at `expected`: write over it
                 self._hold(name, revision)
                 return True
         return False  # the entry kept changing under us: someone else is busy with it
@@ -190,7 +183,7 @@ class NatsDedup:
                     if exc.err_code not in _WRONG_LAST_SEQUENCE:
                         raise
                 # Changed since: a renewal racing with us moved the revision, or it is gone.
-                value, revision = await self._read(kv, name)
+                value, revision = await self._read(name)
                 if not self._ours(value):
                     return
 
@@ -205,7 +198,7 @@ class NatsDedup:
             await self._tasks.aclose()
         finally:  # even if cancelled meanwhile: never leave the connection behind
             self._held.clear()
-            conn, self._conn, self._kv = self._conn, None, None
+            conn, self._conn, self._kv, self._api = self._conn, None, None, None
             try:
                 if conn is not None:
                     await conn.close()
@@ -279,7 +272,7 @@ class NatsDedup:
         if self._held.get(name) != revision:
             return False  # completed or released meanwhile
         try:
-            value, current = await self._read(kv, name)
+            value, current = await self._read(name)
         except Exception:  # NATS away: decide next round
             return False
         if self._held.get(name) != revision:
@@ -290,14 +283,23 @@ class NatsDedup:
         del self._held[name]
         return True
 
-    @staticmethod
-    async def _read(kv: KeyValue, name: str) -> tuple[bytes | None, int]:
-        """The entry's value and revision; (None, 0) if it is absent or deleted."""
+    async def _read(self, name: str) -> tuple[bytes | None, int]:
+        """The entry's value and revision, read from the stream leader; None if deleted.
+
+        Not `kv.get`: the bucket allows direct gets, which any replica may answer, and
+        NATS does not promise that a replica has seen our own or another instance's last
+        write. A lagging replica would show a released lease as still held, and the
+        redelivery it was released for would be dropped as a duplicate.
+        """
         try:
-            entry = await kv.get(name)
-        except nats.js.errors.KeyNotFoundError:
+            msg = await self._stream_api().get_msg(
+                f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{name}", direct=False
+            )
+        except nats.js.errors.NotFoundError:
             return None, 0
-        return entry.value, entry.revision or 0
+        if (msg.headers or {}).get(_KV_OPERATION) in _KV_REMOVED:
+            return None, msg.seq or 0
+        return msg.data, msg.seq or 0
 
     # -- connection ----------------------------------------------------------------------
 
@@ -314,8 +316,9 @@ class NatsDedup:
             conn = NatsConnection(self.options, "nats-dedup")
             await conn.open()
             try:
+                api = conn.client.jetstream()
                 with map_nats_errors(what=f"nats dedup: bucket {self.bucket}"):
-                    kv = await self._open_bucket(conn.client.jetstream())
+                    kv = await self._open_bucket(api)
                 # A replicated bucket just created has no stream leader yet: its first
                 # operations would get "no response from stream". Wait until it answers.
                 await BUCKET_READY.call(lambda: self._answers(kv))
@@ -325,8 +328,14 @@ class NatsDedup:
             if self._closed:  # close() ran while we connected
                 await conn.close()
                 raise TransportClosedError("nats dedup: the window was closed")
-            self._conn, self._kv = conn, kv
+            self._conn, self._kv, self._api = conn, kv, api
             return kv
+
+    def _stream_api(self) -> JetStreamContext:
+        api = self._api
+        if api is None:
+            raise TransportClosedError("nats dedup: the window was closed")
+        return api
 
     async def _answers(self, kv: KeyValue) -> None:
         with map_nats_errors(what=f"nats dedup: bucket {self.bucket} status"):

@@ -233,6 +233,31 @@ async def test_r3_bucket_on_a_cluster_is_shared_through_different_nodes(nats_clu
         await second.close()
 
 
+async def test_a_release_through_one_node_is_seen_at_once_through_another(
+    nats_cluster: Any,
+) -> None:
+    """Claims read the stream leader: a replica that has not applied a release yet must not
+    make the redelivery it was released for look held (NATS lets any replica answer a
+    direct get, without read-your-writes)."""
+    bucket = _bucket()
+    first, second = (
+        NatsDedup(url, ttl=30.0, lease=LEASE, bucket=bucket, replicas=3)
+        for url in nats_cluster.servers[1:]
+    )
+
+    async def handed_over(key: str) -> bool:
+        assert await first.claim(key)
+        await first.release(key)
+        return await second.claim(key)
+
+    try:
+        granted = await asyncio.gather(*(handed_over(f"k{i}") for i in range(200)))
+        assert granted.count(False) == 0
+    finally:
+        await first.close()
+        await second.close()
+
+
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
 

@@ -102,12 +102,11 @@ class LocalDelivery:
             self.deliver(key, topic, event)
             return
         mailbox = self._mailboxes[handler]
-        if mailbox.busy:
+        if not mailbox.enter_here():
             mailbox.put(topic, event)
             return
         calling = self._calling
         calling.add(task)
-        mailbox.enter_here()
         try:
             await invoke(handler, topic, event, self.counters, task)
         finally:

@@ -320,14 +320,13 @@ class Mailbox:
         """Events waiting for this handler."""
         return len(self._items)
 
-    @property
-    def busy(self) -> bool:
-        """True while events wait or the handler runs: a new event must queue behind them."""
-        return self._here or self._working or bool(self._items)
-
-    def enter_here(self) -> None:
-        """A delivery task calls the handler itself now (only when not `busy`)."""
+    def enter_here(self) -> bool:
+        """True when the calling delivery task may call the handler itself now; False while
+        events wait or the handler runs (the event must queue behind them: `put`)."""
+        if self._here or self._working or self._items:
+            return False
         self._here = True
+        return True
 
     def leave_here(self) -> None:
         """That call is over; the worker takes events queued meanwhile."""

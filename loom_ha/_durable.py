@@ -12,6 +12,7 @@ handler's error. The backend says how with a `Settlement`.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
@@ -90,9 +91,9 @@ class DurableDelivery:
             recipients = [h for h in recipients if id(h) not in done]
         failures: list[str] = []
         succeeded: list[int] = []
-        counters = self._counters
+        counters, task = self._counters, asyncio.current_task()  # looked up once, not per call
         for handler in recipients:
-            call = invoke(handler, topic, event, counters)
+            call = invoke(handler, topic, event, counters, task)
             error = await (call if around is None else around(call))
             if error is None:
                 succeeded.append(id(handler))

@@ -45,6 +45,11 @@ class TaskSupervisor:
         task.add_done_callback(self._forget)
         return task
 
+    @property
+    def closed(self) -> bool:
+        """True after `aclose()` until `reopen()`: `spawn` would raise."""
+        return self._closed
+
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if task.cancelled():

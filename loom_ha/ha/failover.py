@@ -28,6 +28,7 @@ from loom_ha._tasks import TaskSupervisor
 from loom_ha.errors import (
     ConnectionLostError,
     FailoverExhaustedError,
+    LoomHAError,
     NotConnectedError,
     TransientError,
     TransportClosedError,
@@ -298,7 +299,15 @@ class HATransport(CellTransport):
             try:
                 await self._book.attach(self._inner, sub, self._wrapped(sub))
             except Exception as exc:
-                if not _broker_failure(exc):
+                if self._state in (TransportState.DISCONNECTED, TransportState.CLOSED):
+                    self._book.unwant(topic, handler)  # closed meanwhile: say so, once
+                    try:
+                        require_usable(self._state, "ha")
+                    except LoomHAError as unusable:
+                        raise unusable from exc
+                # The inner transport gone (a recovery disconnected it) is a broker failure.
+                gone = isinstance(exc, NotConnectedError | TransportClosedError)
+                if not (_broker_failure(exc) or gone):
                     self._book.unwant(topic, handler)
                     raise
                 self._start_recovery(exc)  # made live by the recovery, before replays

@@ -28,7 +28,7 @@ from loom_ha._delivery import LocalDelivery
 from loom_ha._durable import DurableDelivery
 from loom_ha._handlers import SubscriptionKey
 from loom_ha._state import StateListener
-from loom_ha.errors import LoomHAError, SerializationError, TransportError
+from loom_ha.errors import LoomHAError, NotConnectedError, SerializationError, TransportError
 from loom_ha.event import EventCodec
 from loom_ha.nats._errors import map_nats_errors, translate
 from loom_ha.nats.connection import NatsConnection
@@ -110,6 +110,8 @@ class PullConsumer:
         self._inbox = client.new_inbox()
         with map_nats_errors(what=f"consumer {self.name}"):
             self._sub = await client.subscribe(self._inbox, cb=self._on_message)
+        if self.owner.local.tasks.closed:  # disconnected meanwhile: start nothing
+            raise NotConnectedError(f"{self.owner.backend_name}: disconnected while subscribing")
         self._task = self.owner.local.tasks.spawn(self._run(), name=f"consumer:{self.name}")
 
     async def stop(self, *, delete: bool) -> None:

@@ -18,6 +18,7 @@ from loom_ha.errors import (
     ConnectionLostError,
     FailoverExhaustedError,
     LoomHAError,
+    NotConnectedError,
     SerializationError,
     TransportClosedError,
 )
@@ -31,6 +32,7 @@ from loom_ha.transport import (
     TransportState,
     TransportStatistics,
     loom_request_groups,
+    require_connected,
     require_usable,
 )
 
@@ -56,7 +58,9 @@ class RedisLifecycle(CellTransport):
     @property
     def connector(self) -> RedisConnector:
         """The live connector (only while connected)."""
-        assert self._connector is not None, "not connected"
+        if self._connector is None:  # disconnected (or closed) by another task meanwhile
+            require_connected(self.state, self.backend)
+            raise NotConnectedError(f"{self.backend}: not connected")
         return self._connector
 
     @override

@@ -22,7 +22,7 @@ from loom_ha._delivery import LocalDelivery
 from loom_ha._durable import DurableDelivery
 from loom_ha._handlers import SubscriptionKey
 from loom_ha.deadletter import DeadLetter
-from loom_ha.errors import LoomHAError, TransportError
+from loom_ha.errors import LoomHAError, NotConnectedError, TransportError
 from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis._connections import checkpoint, text
 from loom_ha.redis._errors import group_gone
@@ -139,6 +139,8 @@ class StreamConsumer:
             if self._task is not None:
                 return
             await self._prepare()
+            if self.t.local.tasks.closed:  # disconnected meanwhile: start nothing
+                raise NotConnectedError(f"{self.t.backend}: disconnected while subscribing")
             self._task = self.t.local.tasks.spawn(self._run(), name=f"consumer:{self.key.raw}")
 
     async def stop(self) -> None:
@@ -180,12 +182,8 @@ class StreamConsumer:
                 await self._check_access(stream)
             self._cursors[stream] = ">"
             return
-        start = self._start_id
-        if initial:
-            last = await self._check_access(stream)
-            if last:
-                start = text(last[0][0])
-        self._cursors[stream] = start
+        last = await self._check_access(stream) if initial else None
+        self._cursors[stream] = text(last[0][0]) if last else self._start_id
 
     async def _check_access(self, stream: bytes) -> Any:
         """Run what the loop will run, on nothing, before subscribe returns: a user without

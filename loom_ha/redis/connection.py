@@ -30,7 +30,7 @@ import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
 from loom_ha._tasks import TaskSupervisor, finish_all, wait_event
-from loom_ha.errors import ConnectionLostError, FailoverExhaustedError
+from loom_ha.errors import ConnectionLostError, FailoverExhaustedError, TransportClosedError
 from loom_ha.redis._connections import Abortable, Address, ConnectionFactory, LeanPool, connect
 from loom_ha.redis._connections import checkpoint as checkpoint  # re-exported (bench)
 from loom_ha.redis._errors import REDIS_ERRORS, map_redis_errors, translate
@@ -376,8 +376,8 @@ class RedisConnector:
 
     async def _establish(self) -> None:
         """Find and verify the master, then make it current (caller holds the lock)."""
-        if self._closed:
-            raise ConnectionLostError("redis connector is closed")
+        if self._closed:  # not transient: a retry loop must end, not wait for a reconnect
+            raise TransportClosedError(f"{self._owner}: disconnected")
         await self._retire()
         address, client = await self._finder.find(suspect=self._suspect)
         self._client = client

@@ -157,6 +157,8 @@ class RedisPubSubTransport(RedisTransportBase):
 
     @override
     async def _stop_mode(self) -> None:
+        for waiter in self._confirmed.values():
+            waiter.set()  # a subscribe waiting for its confirmation ends now, not at its timeout
         self._natives.clear()
         self._confirmed.clear()
         self._refused.clear()
@@ -230,6 +232,7 @@ class RedisPubSubTransport(RedisTransportBase):
                         await self._send_quietly(verb, native[1], answers=native)
             async with asyncio.timeout(self._subscribe_timeout):
                 await confirmed.wait()
+            require_usable(self._state, self.backend)  # woken by disconnect(), not confirmed
             refused = self._refused.get(native)
             if refused is not None:
                 verb = "PSUBSCRIBE" if native[0] else "SUBSCRIBE"

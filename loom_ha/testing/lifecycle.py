@@ -19,6 +19,10 @@ from loom_ha.testing.backend import Backend, make_event, publish_one
 from loom_ha.testing.collect import Collector
 from loom_ha.transport import TransportState
 
+# A bound on waiting for close() and a subscribe racing it: a guard against the hang a
+# retry loop on a closed connection caused (never returned), not a measurement.
+HANG_GUARD = 30.0
+
 
 def _tasks() -> set[asyncio.Task[Any]]:
     """Tasks of the running loop other than the test's own."""
@@ -197,6 +201,28 @@ class LifecycleConformance:
             await pub.disconnect()
             await sub.disconnect()
         assert _tasks() == tasks_before, "a delivery task outlived disconnect()"
+
+    async def test_close_during_a_subscribe_ends_both_cleanly(
+        self, backend: Backend, prefix: str
+    ) -> None:
+        """close() from another task while subscribe() is under way (Loom's `Node.__init__`
+        subscribes in a task nobody awaits): both return; the subscribe took effect or
+        raised the lifecycle error that says why, never an internal one; nothing is left."""
+        tasks_before = _tasks()
+        for ticks in range(0, 30, 3):  # close before, between and after its round trips
+            transport = backend.factory()
+            await transport.connect()
+            subscribing = asyncio.ensure_future(
+                transport.subscribe(f"{prefix}race{ticks}", Collector())
+            )
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            async with asyncio.timeout(HANG_GUARD):
+                await transport.close()
+                (outcome,) = await asyncio.gather(subscribing, return_exceptions=True)
+            lifecycle_error = isinstance(outcome, TransportClosedError | NotConnectedError)
+            assert outcome is None or lifecycle_error, f"ticks={ticks}: {outcome!r}"
+        assert _tasks() == tasks_before, "close() left a task behind"
 
     async def test_disconnect_leaves_nothing_behind(self, backend: Backend, prefix: str) -> None:
         """After disconnect() no task and no socket of the transport is left."""

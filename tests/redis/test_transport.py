@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from loom_ha.config import create_transport
-from loom_ha.errors import ConfigurationError, UnsupportedCapabilityError
+from loom_ha.errors import ConfigurationError, TransportClosedError, UnsupportedCapabilityError
 from loom_ha.event import CloudEvent
 from loom_ha.ha import HATransport
 from loom_ha.redis import (
@@ -342,3 +342,19 @@ async def test_mixed_publish_many_batches_each_modes_share(
     assert sorted(sizes) == [150, 151]  # 150 PUBLISH; 150 XADD + 1 SADD
     assert fast.ids == [e.id for t, e in items if t.endswith("fast/x")]
     assert slow.ids == [e.id for t, e in items if t.endswith("slow/x")]
+
+
+async def test_a_command_on_a_disconnected_connector_fails_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A command still running (or started) when its transport disconnects ends with
+    TransportClosedError: a connector closed on purpose is no broker to wait for, and the
+    never-give-up policy used to retry it forever (a subscribe racing close() hung)."""
+    transport = RedisStreamsTransport(redis_server.url)
+    await transport.connect()
+    connector = transport.connector
+    await transport.close()
+    # A guard against the old endless retry, not a measurement: it failed at once.
+    async with asyncio.timeout(30):
+        with pytest.raises(TransportClosedError):
+            await connector.run(lambda c: c.time(), policy=connector.reconnect_policy)

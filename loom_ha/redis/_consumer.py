@@ -16,51 +16,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
-from loom_ha._delivery import LocalDelivery
 from loom_ha._durable import DurableDelivery
 from loom_ha._handlers import SubscriptionKey
 from loom_ha.deadletter import DeadLetter
 from loom_ha.errors import LoomHAError, NotConnectedError, TransportError
-from loom_ha.policy import DeliveryPolicy
 from loom_ha.redis._connections import checkpoint, text
 from loom_ha.redis._errors import group_gone
+from loom_ha.redis._owner import StreamsOwner
 from loom_ha.redis._wakeable import WakeableReader
-from loom_ha.redis.connection import RedisConnector
-from loom_ha.retry import RetryPolicy
-
-
-class StreamsOwner(Protocol):
-    """What a `StreamConsumer` needs of its transport (`StreamsOwner` provides it).
-
-    Read settings, counters it updates, and the transport's codec, dead-letter place and
-    connector: the consumer never imports its transport (no module cycle).
-    """
-
-    @property
-    def backend(self) -> str: ...
-
-    local: LocalDelivery
-    policy: DeliveryPolicy
-    publish_policy: RetryPolicy
-    block: float
-    batch: int
-    discovery_interval: float
-    claim_interval: float
-    claim_idle: float
-    consumer_name: str
-    groups_recreated: int
-    trimmed: int
-
-    @property
-    def connector(self) -> RedisConnector: ...
-    def stream_key(self, topic: str) -> bytes: ...
-    def topic_of(self, stream: bytes) -> str: ...
-    async def known_streams(self, *, fresh: bool = False) -> list[bytes]: ...
-    def decode(self, raw: bytes | None, topic: str, origin: str) -> Any | None: ...
-    async def dead_letter(self, letter: DeadLetter) -> None: ...
-
 
 log = logging.getLogger("loom_ha.redis.streams")
 
@@ -119,6 +84,7 @@ class StreamConsumer:
         self._start_id = "0-0"
         self._inflight: set[tuple[bytes, bytes]] = set()
         self._acks: dict[bytes, list[bytes]] = {}
+        self._generation = -1  # the connector's, when this reader last took its own entries
         self._reader = WakeableReader()
         self._delivery = DurableDelivery(
             transport.local.table, transport.local.counters, progress_limit=PROGRESS_LIMIT
@@ -255,6 +221,9 @@ class StreamConsumer:
                 if self.group is not None and now >= next_claim:
                     await self._reclaim()
                     next_claim = now + t.claim_interval
+                if self.group is not None and self._generation != t.connector.generation:
+                    self._generation = t.connector.generation  # a new master or connection
+                    await self._redeliver_own()
                 if not self._cursors:  # a wildcard with no matching stream yet
                     await reader.parked(asyncio.sleep(t.discovery_interval))
                     continue
@@ -432,6 +401,26 @@ class StreamConsumer:
                 if text(next_start) == "0-0":
                     break
                 start = next_start
+
+    async def _redeliver_own(self) -> None:
+        """Handle the entries read under our name and never acknowledged, at once rather
+        than after `claim_idle`: a read whose reply was lost with a killed master (the new
+        one has it pending for us), entries left when our connection broke."""
+        group, consumer, batch = self.group, self.t.consumer_name, self.t.batch
+        cursors: dict[Any, Any] = dict.fromkeys(self._cursors, "0")
+        while cursors:
+
+            async def pending(client: Any, cursors: dict[Any, Any] = cursors) -> Any:
+                return await client.xreadgroup(group, consumer, cursors, count=batch)
+
+            reply, cursors = await self._call(pending, "XREADGROUP"), {}
+            for stream, entries in reply or ():
+                counts = await self._delivery_counts(stream, entries)
+                for entry_id, fields in entries:
+                    await self._handle(stream, entry_id, fields, deliveries=counts.get(entry_id, 1))
+                if len(entries) == batch:  # maybe more: go on after the last one
+                    cursors[stream] = entries[-1][0]
+            await self._flush_acks()
 
     async def _delivery_counts(self, stream: bytes, entries: list[Any]) -> dict[bytes, int]:
         if not entries:

@@ -21,7 +21,7 @@ from loom_ha.testing.collect import (
 from loom_ha.testing.plugin import ServerLauncher
 from loom_ha.testing.servers import RedisServer
 
-from ._redis_helpers import eventually, while_frozen
+from ._redis_helpers import eventually, eventually_async, while_frozen
 
 pytestmark = pytest.mark.redis
 
@@ -225,3 +225,34 @@ async def _until_blocked_in(raw: aioredis.Redis, command: str, within: float = 1
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"no client blocked in {command} within {within}s")
+
+
+async def test_entries_read_under_our_name_but_never_acked_are_handled_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """An entry already pending for this consumer name when its reader starts (a reply lost
+    with a killed master, whose replica has it pending for us; a restart under the same
+    name) is handled at the start, not after `claim_idle`."""
+    transport = RedisStreamsTransport(redis_server.url, consumer_name="me", claim_idle=60.0)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    got = Collector()
+    await transport.connect()
+    try:
+        stream = transport.stream_key("lost/reply")
+        await raw.xgroup_create(stream, "workers", id="$", mkstream=True)
+        event = _event(7)
+        await raw.xadd(stream, {"event": EventCodec(CloudEvent).encode(event)})
+        # Read under our name; the reply "never arrived": the entry is pending for "me".
+        assert await raw.xreadgroup("workers", "me", {stream: ">"}, count=1)
+        await transport.subscribe("lost/reply", got, group="workers")
+        # A bound against the old wait (claim_idle, 60 s here), not a measurement.
+        await got.wait_for(1, within=20.0)
+        assert [e.id for e in got.events] == [event.id]
+
+        async def acknowledged() -> bool:  # after the handler
+            return (await raw.xpending(stream, "workers"))["pending"] == 0
+
+        await eventually_async(acknowledged)
+    finally:
+        await transport.close()
+        await raw.aclose()
